@@ -1,0 +1,942 @@
+"""
+The networks of a LLaVA-style vision-language model, in plain PyTorch, and their loading.
+
+    image -> CLIP ViT (stop after `image_layer` blocks) -> projector -> image tokens
+    text  -> embed_tokens ---------------------------------------------> text tokens
+    [text tokens with image tokens spliced in] -> Llama decoder -> lm_head -> next-token logits
+
+The default LLaVA-1.5 feature is the CLIP hidden state after 23 of 24 blocks (`vision_feature_layer=-2`).
+The ICET vulnerability (Image enCoder Early-exiT) is what happens when the projector is fed the hidden
+state of an earlier layer l instead: `vlm(input_ids, pixel_values, image_layer=l)`. Early exit is real
+here: asking for layer l runs only the first l CLIP blocks.
+
+Weights come from Hugging Face llava checkpoints (safetensors, any of the three key layouts that exist);
+only the weights are read, every module below is our own. Module names follow Hugging Face's so that
+checkpoint keys map onto them by stripping a prefix. Also here: LoRA, the PPO value head, batched
+generation with a static KV cache, the tokenizer and prompt, and CLIP image preprocessing.
+"""
+
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class InputError(ValueError):
+    """A problem with what the user gave us (a file, a key, a value); its message is one line."""
+
+
+# -----------------------------------------------------------------------------
+# Configuration: the few fields we need, read from a Hugging Face config.json
+
+@dataclass
+class CLIPConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 0          # 0: same as num_attention_heads (no grouped-query attention)
+    head_dim: int = 0                     # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None             # None, or {"rope_type": "llama3" | "linear", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class VLMConfig:
+    vision: CLIPConfig = field(default_factory=CLIPConfig)
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    image_token_id: int = 32000
+    pad_token_id: int = 0
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"   # "default" drops the CLS token, "full" keeps it
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+
+    @property
+    def image_seq_length(self):
+        """Image tokens per image: one per patch, plus the CLS token for the "full" strategy."""
+        n = (self.vision.image_size // self.vision.patch_size) ** 2
+        return n + (self.vision_feature_select_strategy == "full")
+
+
+def _pick(cls, d, where):
+    """Build dataclass `cls` from the keys of dict `d` it knows; everything else in `d` is ignored."""
+    known = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def config_from_hf(d, where="config.json"):
+    """Translate a transformers LlavaConfig dict (4.x or 5.x spelling) into a VLMConfig."""
+    if d.get("model_type") != "llava":
+        raise InputError(f"{where}: model_type is {d.get('model_type')!r}, expected 'llava' "
+                         "(LLaVA-1.5 style checkpoints, e.g. llava-hf/llava-1.5-7b-hf)")
+    tc = dict(d.get("text_config") or {})
+    if tc.get("model_type", "llama") not in ("llama", "mistral"):
+        raise InputError(f"{where}: text_config.model_type {tc['model_type']!r} is not supported, expected 'llama'")
+    # transformers 5 moved rope_theta and rope_scaling into one dict, rope_parameters.
+    rope = dict(tc.get("rope_parameters") or tc.get("rope_scaling") or {})
+    tc["rope_theta"] = rope.pop("rope_theta", tc.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3", "linear"):
+        raise InputError(f"{where}: rope type {rope_type!r} is not supported, expected default, llama3 or linear")
+    tc["rope_scaling"] = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+    tc["tie_word_embeddings"] = bool(tc.get("tie_word_embeddings", False) or d.get("tie_word_embeddings", False))
+    text = _pick(LlamaConfig, tc, f"{where} text_config")
+    if text.hidden_act != "silu":
+        raise InputError(f"{where}: text_config.hidden_act {text.hidden_act!r} is not supported, expected 'silu'")
+    vision = _pick(CLIPConfig, d.get("vision_config") or {}, f"{where} vision_config")
+    if vision.hidden_act not in ("quick_gelu", "gelu"):
+        raise InputError(f"{where}: vision_config.hidden_act {vision.hidden_act!r} is not supported")
+    layer = d.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise InputError(f"{where}: vision_feature_layer {layer!r} is a list; only a single layer is supported")
+    pad = d.get("pad_token_id", tc.get("pad_token_id"))
+    cfg = VLMConfig(
+        vision=vision, text=text,
+        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+        pad_token_id=0 if pad is None else pad,
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+        projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+        multimodal_projector_bias=d.get("multimodal_projector_bias", True),
+    )
+    if cfg.vision_feature_select_strategy not in ("default", "full"):
+        raise InputError(f"{where}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}, "
+                         "expected 'default' or 'full'")
+    if cfg.projector_hidden_act != "gelu":
+        raise InputError(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r} is not supported, expected 'gelu'")
+    return cfg
+
+
+def config_to_hf(cfg):
+    """The inverse of config_from_hf: a config.json dict that transformers reads as a LlavaConfig."""
+    text = asdict(cfg.text)
+    rope = text.pop("rope_scaling") or {"rope_type": "default"}
+    text.update(model_type="llama", rope_theta=text["rope_theta"], rope_scaling=None if rope["rope_type"] == "default" else rope)
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "text_config": text, "vision_config": {**asdict(cfg.vision), "model_type": "clip_vision_model"},
+        "image_token_index": cfg.image_token_id, "pad_token_id": cfg.pad_token_id,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "image_seq_length": cfg.image_seq_length, "projector_hidden_act": cfg.projector_hidden_act,
+        "multimodal_projector_bias": cfg.multimodal_projector_bias,
+        "tie_word_embeddings": cfg.text.tie_word_embeddings,
+    }
+
+
+# -----------------------------------------------------------------------------
+# CLIP ViT vision tower, with early exit at any layer
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, patches, D)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch: no mask
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPVisionTower(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's spelling
+        self.encoder = CLIPEncoder(cfg)
+        # post_layernorm exists in checkpoints but only normalises the pooled CLS output, which LLaVA never uses.
+
+    def forward(self, pixel_values, layers):
+        """Hidden states {l: (B, 1+patches, D)} after l blocks for each l in `layers` (0 = after pre_layrnorm)."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        out = {0: x} if 0 in layers else {}
+        for i, block in enumerate(self.encoder.layers[:max(layers)]):  # the early exit: later blocks never run
+            x = block(x)
+            if i + 1 in layers:
+                out[i + 1] = x
+        return out
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's mlp2x_gelu: vision width -> text width, exact (erf) GELU between two linears."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        bias = cfg.multimodal_projector_bias
+        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=bias)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+# -----------------------------------------------------------------------------
+# Llama decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, static KV cache
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 and cast back before the scale, as the reference implementation does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg):
+    """Rotary inverse frequencies theta^(-2i/d), with Llama 3's wavelength-banded rescaling if configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs["rope_type"] == "linear":
+        return inv_freq / rs["factor"]
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer; fixed shapes keep a compiled decode step from recompiling."""
+
+    def __init__(self, n_layers, batch, n_kv_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (n_layers, batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, layer, pos, k, v):
+        """Write k, v (B, H, T, hd) at cache positions `pos` (T,), return the layer's whole cache."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, cache_pos, k, v)
+        # grouped-query attention: each key/value head serves n_head // n_kv_head query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_mask(key_valid, q_pos, k_pos):
+    """Boolean (B, 1, Tq, Tk) mask: causal, no padding keys, and each query always sees itself.
+
+    Seeing itself keeps left-padding rows (which have no valid key) finite: a fully masked row would turn
+    into NaN, and NaN times a zero attention weight is still NaN in every later layer.
+    """
+    causal = k_pos[None, :] <= q_pos[:, None]
+    mask = (causal[None] & key_valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])[None]
+    return mask[:, None]
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, x, position_ids, mask, cache=None, cache_pos=None):
+        """Run embeddings x (B, T, D) at positions (B, T) under a boolean mask; return the final-normed states."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim), broadcast over heads
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, cache_pos)
+        return self.norm(x)
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, with B = 0 at the start so the model is unchanged
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        self.base = base
+        self.r, self.scale = r, alpha / r
+        p = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=p.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=p.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the same init as nn.Linear, and as peft
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + (self.dropout(x) @ a.t() @ b.t()) * self.scale
+
+    def merged_weight(self):
+        return self.base.weight + (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype)
+
+
+def add_lora(vlm, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0):
+    """Wrap the language model's linears named in `targets` with LoRA; freeze everything else but the value head."""
+    for p in vlm.parameters():
+        p.requires_grad_(False)
+    n = 0
+    for name, module in list(vlm.language_model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                n += 1
+    if n == 0:
+        raise InputError(f"LoRA targets {list(targets)} match no linear layer of the language model "
+                         "(expected names like q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    if vlm.value_head is not None:
+        vlm.value_head.requires_grad_(True)
+    vlm.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+    return vlm
+
+
+def lora_modules(vlm):
+    return [m for m in vlm.modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_disabled(vlm):
+    """The base model, adapters switched off: PPO's reference policy shares every weight with the policy."""
+    mods = lora_modules(vlm)
+    for m in mods:
+        m.enabled = False
+    try:
+        yield vlm
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+def merge_lora(vlm):
+    """Fold every adapter into its base weight and remove the LoRA wrappers."""
+    for module in list(vlm.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight.copy_(child.merged_weight())
+                setattr(module, name, child.base)
+    vlm.lora_config = None
+    return vlm
+
+
+def lora_state_dict(vlm):
+    return {k: v.detach() for k, v in vlm.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
+
+
+def save_lora(vlm, path):
+    """Save adapters (and the value head, if any) as one safetensors file, atomically."""
+    sd = lora_state_dict(vlm)
+    if vlm.value_head is not None:
+        sd.update({f"value_head.{k}": v.detach() for k, v in vlm.value_head.state_dict().items()})
+    meta = {"lora_config": json.dumps(vlm.lora_config)}
+    atomic_save_safetensors({k: v.contiguous().cpu() for k, v in sd.items()}, path, metadata=meta)
+
+
+def load_lora(vlm, path):
+    """Load adapters saved by save_lora, adding them (and a value head) to `vlm` first if it has none."""
+    from safetensors import safe_open
+    with _open_safetensors(path) as f:
+        lcfg = json.loads((f.metadata() or {}).get("lora_config", "null"))
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if lcfg is None:
+        raise InputError(f"{path}: not a LoRA adapter written by save_lora (no lora_config metadata)")
+    if any(k.startswith("value_head.") for k in sd) and vlm.value_head is None:
+        vlm.add_value_head()
+    if not lora_modules(vlm):
+        add_lora(vlm, lcfg["targets"], lcfg["r"], lcfg["alpha"], lcfg["dropout"])
+    own = vlm.state_dict()
+    for k, v in sd.items():
+        if k not in own:
+            raise InputError(f"{path}: adapter key {k} does not exist in this model")
+        if own[k].shape != v.shape:
+            raise InputError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        with torch.no_grad():
+            own[k].copy_(v)
+    return vlm
+
+
+# -----------------------------------------------------------------------------
+# The VLM: vision tower + projector + Llama decoder (+ an optional value head for PPO)
+
+class VLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = CLIPVisionTower(cfg.vision)
+        self.multi_modal_projector = Projector(cfg)
+        self.language_model = LlamaModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.value_head = None
+        self.lora_config = None
+
+    def add_value_head(self):
+        """A scalar value per token for PPO's critic, read off the decoder's final hidden state."""
+        p = self.lm_head.weight
+        self.value_head = nn.Linear(self.config.text.hidden_size, 1, device=p.device, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        return self.value_head
+
+    def values(self, hidden):
+        """(B, T) float32 values; the head runs in float32 even when the decoder runs in bf16."""
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def image_layer_index(self, layer):
+        """Map a hidden_states index (None = checkpoint default, negative counts from the end) to 0..L."""
+        L = self.config.vision.num_hidden_layers
+        layer = self.config.vision_feature_layer if layer is None else int(layer)
+        if not -(L + 1) <= layer <= L:
+            raise InputError(f"image layer {layer} is out of range for a {L}-layer vision tower "
+                             f"(expected {-(L + 1)}..{L}, or None for the default {self.config.vision_feature_layer})")
+        return layer % (L + 1)
+
+    def vision_features(self, pixel_values, layer=None):
+        """(B, N, D_vision) hidden state of CLIP layer `layer` (int, or one per image), CLS dropped for 'default'."""
+        B = pixel_values.shape[0]
+        per_image = isinstance(layer, (list, tuple)) or (torch.is_tensor(layer) and layer.ndim == 1)
+        layers = [self.image_layer_index(l) for l in layer] if per_image else [self.image_layer_index(layer)] * B
+        if len(layers) != B:
+            raise InputError(f"got {len(layers)} image layers for {B} images; expected one per image")
+        p = self.vision_tower.embeddings.patch_embedding.weight
+        hs = self.vision_tower(pixel_values.to(p.dtype), set(layers))
+        x = hs[layers[0]] if len(hs) == 1 else torch.stack([hs[l][i] for i, l in enumerate(layers)])
+        return x[:, 1:] if self.config.vision_feature_select_strategy == "default" else x
+
+    def embed(self, input_ids, pixel_values=None, image_layer=None):
+        """Token embeddings with the image-token positions replaced by projected layer-`image_layer` features."""
+        x = self.language_model.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        n = int(is_image.sum())
+        if pixel_values is None:
+            if n:
+                raise InputError(f"input_ids hold {n} image tokens but no pixel_values were given")
+            return x
+        feats = self.multi_modal_projector(self.vision_features(pixel_values, image_layer))
+        if n != feats.shape[0] * feats.shape[1]:
+            raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} images x {feats.shape[1]} "
+                             "(expand <image> to config.image_seq_length tokens per image, see encode_batch)")
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+
+    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False):
+        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
+
+        With left padding, pass attention_mask: positions then count from each row's first real token,
+        so a padded row gives the same logits as that row alone.
+        """
+        x = self.embed(input_ids, pixel_values, image_layer)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        idx = torch.arange(T, device=input_ids.device)
+        hidden = self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx))
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
+                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None):
+        """Sample continuations of a left-padded batch with a static KV cache.
+
+        Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
+        pad_token_id after each row's first EOS (the EOS itself kept). logprobs (B, n) float32 are the
+        log-probabilities of the chosen tokens under softmax(logits / temperature), the same quantity a
+        training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
+        and scores under softmax(logits). logprobs is None unless return_logprobs.
+        """
+        B, T0 = input_ids.shape
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
+        cfg = self.config.text
+        S = T0 + max_new_tokens
+        x = self.embed(input_ids, pixel_values, image_layer)
+        cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim, x.dtype, dev)
+        key_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
+        key_valid[:, :T0] = attention_mask.bool()
+        k_pos = torch.arange(S, device=dev)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos), cache, k_pos[:T0])
+        logits = self.lm_head(hidden[:, -1]).float()
+        pos = pos[:, -1:]
+        tokens, logprobs = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            tok, lp = sample_token(logits, temperature, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
+            tokens.append(tok)
+            logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            cur = k_pos[T0 + t:T0 + t + 1]
+            key_valid[:, T0 + t] = True
+            pos = pos + 1
+            h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
+                                    build_mask(key_valid, cur, k_pos), cache, cur)
+            logits = self.lm_head(h[:, -1]).float()
+        tokens = torch.stack(tokens, 1)
+        return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load a llava checkpoint folder (or hub id, when online) without ever holding two copies of the weights."""
+        path = resolve_checkpoint(path)
+        cfg = config_from_hf(read_json(os.path.join(path, "config.json")), os.path.join(path, "config.json"))
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_weights(model, path, device, dtype)
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """Write a llava-hf checkpoint folder (on-disk key layout of llava-hf/llava-1.5-7b-hf), atomically."""
+        if lora_modules(self):
+            raise InputError("merge_lora(vlm) before save_pretrained: a llava checkpoint has no place for adapters")
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k.startswith("value_head.") or (k == "lm_head.weight" and self.config.text.tie_word_embeddings):
+                continue
+            sd[to_hf_key(k)] = v.detach().contiguous().cpu()
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".tmp-")
+        atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config), f, indent=2)
+        replace_dir(tmp, path)
+
+
+def sample_token(logits, temperature, top_p, generator=None):
+    """Draw one token per row from float32 logits (B, V); return it and its log-probability."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of most-likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint files: key layouts, safetensors shards, atomic writes
+
+# Every prefix a llava checkpoint key may carry, mapped to our module names. Order matters: longest first.
+KEY_PREFIXES = [
+    ("model.language_model.", "language_model."),        # transformers >= 4.52 in memory
+    ("language_model.model.", "language_model."),        # llava-hf on disk (transformers < 4.52 and its saves)
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
+# Present in checkpoints, never used by LLaVA: the pooled-output norm, and buffers older versions saved.
+IGNORED_KEY_ENDINGS = ("post_layernorm.weight", "post_layernorm.bias", "position_ids", "rotary_emb.inv_freq")
+
+
+def from_hf_key(key):
+    for old, new in KEY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def to_hf_key(key):
+    """Our name -> llava-hf's on-disk name (what transformers 4.x and 5.x both read)."""
+    if key.startswith("language_model."):
+        return "language_model.model." + key[len("language_model."):]
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    if key.startswith("vision_tower."):
+        return "vision_tower.vision_model." + key[len("vision_tower."):]
+    return key
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def resolve_checkpoint(path):
+    """A local folder as is; a hub id (owner/name) downloaded with huggingface_hub when the machine is online."""
+    path = str(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise InputError(f"{path}: expected a checkpoint folder, found a file")
+    if path.count("/") != 1 or path.startswith((".", "/")):
+        raise InputError(f"{path}: checkpoint folder not found")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"])
+    except Exception as e:
+        raise InputError(f"{path}: not a local folder, and downloading it from the Hugging Face hub failed "
+                         f"({type(e).__name__}). On a machine with network run `hf download {path} --local-dir "
+                         f"checkpoints/{path.split('/')[-1]}`, copy that folder here and pass its path") from None
+
+
+@contextmanager
+def _open_safetensors(path):
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    try:
+        f = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:
+        raise InputError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    yield f
+
+
+def checkpoint_shards(path):
+    """The safetensors files of a checkpoint folder: the index's shards, or the single model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: no 'weight_map' object")
+        shards = sorted(set(weight_map.values()))
+        for s in shards:
+            if not os.path.isfile(os.path.join(path, s)):
+                raise InputError(f"{index}: shard {s} is listed but missing from {path}")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                         "(only safetensors checkpoints are supported)")
+    return [single]
+
+
+def _listing(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_weights(model, path, device, dtype):
+    """Copy a checkpoint's tensors into `model` (built on the meta device), one tensor at a time."""
+    expected = {k: v for k, v in model.state_dict().items()}
+    tied = model.config.text.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")
+    loaded = {}
+    unexpected = []
+    for shard in checkpoint_shards(path):
+        with _open_safetensors(shard) as f:
+            for hf_key in f.keys():
+                key = from_hf_key(hf_key)
+                if key.endswith(IGNORED_KEY_ENDINGS) or (tied and key == "lm_head.weight"):
+                    continue
+                if key not in expected:
+                    unexpected.append(hf_key)
+                    continue
+                t = f.get_tensor(hf_key)
+                if t.shape != expected[key].shape:
+                    raise InputError(f"{shard}: {hf_key} has shape {tuple(t.shape)}, expected "
+                                     f"{tuple(expected[key].shape)} from config.json")
+                loaded[key] = t.to(device=device, dtype=dtype)
+    if unexpected:
+        raise InputError(f"{path}: unexpected weights {_listing(unexpected)}")
+    missing = set(expected) - set(loaded)
+    if missing:
+        raise InputError(f"{path}: missing weights {_listing(missing)}")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    # the rotary buffer is computed, not stored: rebuild it on the real device
+    model.language_model.inv_freq = rope_inv_freq(model.config.text).to(device)
+
+
+def atomic_save_safetensors(tensors, path, metadata=None):
+    from safetensors.torch import save_file
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def replace_dir(tmp, path):
+    """Move the finished folder `tmp` to `path`; an older `path` is moved aside first, then deleted."""
+    import shutil
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".old-")
+        os.replace(path, os.path.join(old, "x"))
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer, prompt and images
+
+def load_tokenizer(path):
+    """The checkpoint folder's own tokenizer, from local files only."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: no usable tokenizer files (tokenizer.json or tokenizer.model; "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
+def format_prompt(tokenizer, prompt, image=True):
+    """The user turn, ready for the assistant's reply: the checkpoint's chat template if it has one,
+    else LLaVA-1.5's `USER: <image>\\n{prompt} ASSISTANT:`."""
+    text = ("<image>\n" if image else "") + prompt
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"USER: {text} ASSISTANT:"
+
+
+def encode_prompt(tokenizer, cfg, prompt, image=True):
+    """Token ids of one formatted prompt, `<image>` expanded to cfg.image_seq_length image tokens."""
+    image_tok = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
+    text = format_prompt(tokenizer, prompt, image).replace("<image>", image_tok * cfg.image_seq_length)
+    # a chat template writes its own special tokens; the plain LLaVA prompt needs the tokenizer's BOS
+    ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+    n = sum(i == cfg.image_token_id for i in ids)
+    if n != (cfg.image_seq_length if image else 0):
+        raise InputError(f"tokenizer turned <image> into {n} image tokens, expected {cfg.image_seq_length} "
+                         f"(is {image_tok!r} = id {cfg.image_token_id} a special token of this tokenizer?)")
+    return ids
+
+
+def left_pad(seqs, pad_id, device="cpu"):
+    """Stack ragged id lists into (B, T) input_ids and attention_mask, padding on the left."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", pad_to_square=False):
+    """A left-padded batch of prompts (each with its image, or text-only if images is None)."""
+    seqs = [encode_prompt(tokenizer, cfg, p, image=images is not None) for p in prompts]
+    input_ids, mask = left_pad(seqs, cfg.pad_token_id, device)
+    batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": None}
+    if images is not None:
+        if len(images) != len(prompts):
+            raise InputError(f"got {len(images)} images for {len(prompts)} prompts; expected one each")
+        batch["pixel_values"] = torch.stack(
+            [preprocess_image(im, cfg.vision.image_size, pad_to_square) for im in images]).to(device)
+    return batch
+
+
+def load_image(path):
+    """Open an image file as PIL, with a one-line error naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise InputError(f"{path}: image file not found") from None
+    except Exception as e:
+        raise InputError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def to_rgb(image):
+    """Any PIL mode to RGB; transparency is composited onto white, as transformers does."""
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess_image(image, size, pad_to_square=False):
+    """PIL image -> (3, size, size) float32 CLIP input, identical to transformers' CLIPImageProcessor.
+
+    Shortest edge resized to `size` (bicubic), center crop, x/255, CLIP mean/std. pad_to_square first
+    pastes the image centred on a square of the mean colour, as the original LLaVA-1.5 did for training.
+    """
+    image = to_rgb(image)
+    if pad_to_square and image.width != image.height:
+        side = max(image.size)
+        bg = Image.new("RGB", (side, side), tuple(int(m * 255) for m in OPENAI_CLIP_MEAN))
+        bg.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = bg
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    image = image.resize((size, new_long) if w <= h else (new_long, size), resample=Image.BICUBIC)
+    top, left = (image.height - size) // 2, (image.width - size) // 2
+    x = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] * (1 / 255)
+    x = (x - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

@@ -1,0 +1,385 @@
+"""model.py against transformers: every module, every image layer, every key layout, in float32.
+
+Tolerance: max abs difference <= 1e-4 on logits and hidden states (observed differences are ~1e-6 or exactly 0).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import tiny
+from model import (VLM, InputError, add_lora, encode_batch, load_image, load_lora, load_tokenizer, lora_disabled,
+                   merge_lora, preprocess_image, save_lora)
+
+TOL = 1e-4
+
+
+def pixels(n=2, seed=0, size=28):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def prompt_ids(n_text=(5, 3), seed=0, strategy="default"):
+    """Rows of [BOS, text..., image tokens..., text...] with different lengths, as a list of id lists."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = 16 + (strategy == "full")
+    rows = []
+    for n in n_text:
+        text = torch.randint(3, 100, (n + 2,), generator=g).tolist()
+        rows.append([1] + text[:n] + [tiny.IMAGE_TOKEN] * n_img + text[n:])
+    return rows
+
+
+def maxdiff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llava")
+    hf = tiny.make_tiny_llava(path)
+    tiny.make_tiny_tokenizer(path)
+    return path, hf
+
+
+def test_clip_hidden_state_matches_transformers_at_every_layer(ckpt):
+    path, hf = ckpt
+    vlm = VLM.from_pretrained(path)
+    pv = pixels()
+    with torch.no_grad():
+        ref = hf.model.vision_tower(pv, output_hidden_states=True).hidden_states
+        L = vlm.config.vision.num_hidden_layers
+        assert len(ref) == L + 1
+        for layer in range(-(L + 1), L + 1):
+            ours = vlm.vision_tower(pv, {layer % (L + 1)})[layer % (L + 1)]
+            assert maxdiff(ours, ref[layer]) <= TOL, layer
+            assert maxdiff(vlm.vision_features(pv, layer), ref[layer][:, 1:]) <= TOL, layer
+
+
+def test_early_exit_runs_only_the_first_l_blocks(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    ran = []
+    for i, block in enumerate(vlm.vision_tower.encoder.layers):
+        block.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    for layer in range(0, 5):
+        ran.clear()
+        vlm.vision_features(pixels(), layer)
+        assert ran == list(range(layer))
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_logits_match_transformers_llava_at_several_image_layers(tmp_path, gqa, strategy):
+    hf = tiny.make_tiny_llava(tmp_path, gqa=gqa, strategy=strategy)
+    vlm = VLM.from_pretrained(tmp_path)
+    ids = torch.tensor(prompt_ids((4, 4), strategy=strategy))
+    pv = pixels()
+    # layer 0 is covered by -5 (= 0 for a 4-layer tower): transformers 5.24 fails on vision_feature_layer=0 itself
+    for layer in [1, 2, -2, 4, -5]:
+        with torch.no_grad():
+            ref = hf(input_ids=ids, pixel_values=pv, vision_feature_layer=layer).logits
+            ours = vlm(ids, pixel_values=pv, image_layer=layer)
+        assert maxdiff(ours, ref) <= TOL, (layer, maxdiff(ours, ref))
+    # None means the checkpoint's own vision_feature_layer (-2)
+    with torch.no_grad():
+        assert maxdiff(vlm(ids, pixel_values=pv), hf(input_ids=ids, pixel_values=pv).logits) <= TOL
+
+
+@pytest.mark.parametrize("layout", ["llava-hf", "new", "sharded"])
+def test_every_checkpoint_key_layout_loads_to_the_same_logits(tmp_path, layout):
+    hf = tiny.make_tiny_llava(tmp_path)
+    tiny.rewrite_layout(tmp_path, "new" if layout == "new" else "llava-hf")
+    if layout == "sharded":
+        tiny.shard(tmp_path)
+    keys = set()
+    for f in os.listdir(tmp_path):
+        if f.endswith(".safetensors"):
+            keys |= set(load_file(tmp_path / f))
+    assert ("model.language_model.norm.weight" in keys) == (layout == "new")
+    assert ("vision_tower.vision_model.pre_layrnorm.weight" in keys) == (layout != "new")
+    vlm = VLM.from_pretrained(tmp_path)
+    ids, pv = torch.tensor(prompt_ids((4, 4))), pixels()
+    with torch.no_grad():
+        assert maxdiff(vlm(ids, pixel_values=pv, image_layer=1),
+                       hf(input_ids=ids, pixel_values=pv, vision_feature_layer=1).logits) <= TOL
+
+
+def test_tied_embeddings_and_llama3_rope_match_transformers(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    hf = tiny.make_tiny_llava(tmp_path, tie=True, rope=rope)
+    vlm = VLM.from_pretrained(tmp_path)
+    assert vlm.lm_head.weight is vlm.language_model.embed_tokens.weight
+    ids, pv = torch.tensor(prompt_ids((30, 30))), pixels()  # long enough to reach the rescaled frequencies
+    with torch.no_grad():
+        assert maxdiff(vlm(ids, pixel_values=pv), hf(input_ids=ids, pixel_values=pv).logits) <= TOL
+
+
+def test_left_padded_batch_equals_each_prompt_alone(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    rows = prompt_ids((9, 2))
+    from model import left_pad
+    ids, mask = left_pad(rows, tiny.PAD_TOKEN)
+    pv = pixels()
+    with torch.no_grad():
+        batch = vlm(ids, pixel_values=pv, image_layer=1, attention_mask=mask)
+        for i, row in enumerate(rows):
+            alone = vlm(torch.tensor([row]), pixel_values=pv[i:i + 1], image_layer=1)
+            assert maxdiff(batch[i, -len(row):], alone[0]) <= TOL
+
+
+def test_per_image_layers_equal_one_layer_at_a_time(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    pv = pixels(3)
+    mixed = vlm.vision_features(pv, [1, 4, -2])
+    for i, layer in enumerate([1, 4, -2]):
+        assert maxdiff(mixed[i], vlm.vision_features(pv[i:i + 1], layer)[0]) == 0
+
+
+def test_greedy_generation_equals_transformers_generate(ckpt):
+    path, hf = ckpt
+    vlm = VLM.from_pretrained(path)
+    rows = prompt_ids((6, 2), seed=3)
+    from model import left_pad
+    ids, mask = left_pad(rows, tiny.PAD_TOKEN)
+    pv = pixels(seed=3)
+    ours, _ = vlm.generate(ids, mask, pixel_values=pv, image_layer=2, max_new_tokens=20, eos_token_id=2)
+    ref = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, vision_feature_layer=2, do_sample=False,
+                      max_new_tokens=20, eos_token_id=2, pad_token_id=tiny.PAD_TOKEN)
+    assert ours.shape[1] >= 16
+    assert torch.equal(ours, ref[:, ids.shape[1]:ids.shape[1] + ours.shape[1]])
+    for i, row in enumerate(rows):  # each prompt alone gives the same tokens
+        alone, _ = vlm.generate(torch.tensor([row]), pixel_values=pv[i:i + 1], image_layer=2, max_new_tokens=20,
+                                eos_token_id=2)
+        n = alone.shape[1]
+        assert torch.equal(alone[0], ours[i, :n])
+
+
+def test_generation_stops_each_row_at_eos_and_pads_after_it(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    rows = prompt_ids((6, 2), seed=5)
+    from model import left_pad
+    ids, mask = left_pad(rows, tiny.PAD_TOKEN)
+    free, _ = vlm.generate(ids, mask, pixel_values=pixels(), max_new_tokens=12)
+    eos = int(free[0, 3])  # pretend the 4th greedy token of row 0 is EOS
+    toks, _ = vlm.generate(ids, mask, pixel_values=pixels(), max_new_tokens=12, eos_token_id=eos)
+    first = (free[0] == eos).nonzero()[0].item()
+    assert toks[0, first] == eos and (toks[0, first + 1:] == tiny.PAD_TOKEN).all()
+
+
+def test_sampled_logprobs_equal_training_forward_logprobs(ckpt):
+    """Rollout and training must score a sampled token identically, temperature included."""
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    rows = prompt_ids((6, 2), seed=1)
+    from model import left_pad
+    ids, mask = left_pad(rows, tiny.PAD_TOKEN)
+    pv = pixels()
+    for temperature, top_p in [(0.7, 1.0), (1.3, 0.9), (0.0, 1.0)]:
+        g = torch.Generator().manual_seed(0)
+        toks, lps = vlm.generate(ids, mask, pixel_values=pv, image_layer=1, max_new_tokens=10,
+                                 temperature=temperature, top_p=top_p, return_logprobs=True, generator=g)
+        full = torch.cat([ids, toks], 1)
+        full_mask = torch.cat([mask, torch.ones_like(toks)], 1)
+        with torch.no_grad():
+            logits = vlm(full, pixel_values=pv, image_layer=1, attention_mask=full_mask)
+        logits = logits[:, ids.shape[1] - 1:-1] / (temperature or 1.0)
+        ref = torch.log_softmax(logits.float(), -1).gather(-1, toks[..., None])[..., 0]
+        assert maxdiff(lps, ref) <= TOL
+
+
+def test_sampling_is_reproducible_under_a_seeded_generator(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    ids = torch.tensor(prompt_ids((4,)))
+    a, _ = vlm.generate(ids, pixel_values=pixels(1), temperature=1.0, max_new_tokens=8,
+                        generator=torch.Generator().manual_seed(7))
+    b, _ = vlm.generate(ids, pixel_values=pixels(1), temperature=1.0, max_new_tokens=8,
+                        generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- LoRA and the value head
+
+def test_fresh_adapters_leave_outputs_unchanged_and_disabled_adapters_give_the_base_model(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    ids, pv = torch.tensor(prompt_ids((4,))), pixels(1)
+    with torch.no_grad():
+        base = vlm(ids, pixel_values=pv)
+        add_lora(vlm, targets=("q_proj", "v_proj", "gate_proj"), r=4, alpha=8)
+        assert maxdiff(vlm(ids, pixel_values=pv), base) == 0
+        for name, p in vlm.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        changed = vlm(ids, pixel_values=pv)
+        assert maxdiff(changed, base) > 1e-3
+        with lora_disabled(vlm):
+            assert maxdiff(vlm(ids, pixel_values=pv), base) == 0
+        assert maxdiff(vlm(ids, pixel_values=pv), changed) == 0
+
+
+def test_merged_adapters_equal_unmerged_and_save_load_round_trips(ckpt, tmp_path):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    add_lora(vlm, targets=("q_proj", "k_proj", "down_proj"), r=4, alpha=16)
+    vlm.add_value_head()
+    with torch.no_grad():
+        for name, p in vlm.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    ids, pv = torch.tensor(prompt_ids((4,))), pixels(1)
+    with torch.no_grad():
+        unmerged, hidden = vlm(ids, pixel_values=pv, return_hidden=True)
+        values = vlm.values(hidden)
+    save_lora(vlm, tmp_path / "adapter.safetensors")
+    other = load_lora(VLM.from_pretrained(path), tmp_path / "adapter.safetensors")
+    with torch.no_grad():
+        logits, hidden = other(ids, pixel_values=pv, return_hidden=True)
+        assert maxdiff(logits, unmerged) == 0 and maxdiff(other.values(hidden), values) == 0
+        merge_lora(vlm)
+        assert not any("lora" in n for n, _ in vlm.named_parameters())
+        assert maxdiff(vlm(ids, pixel_values=pv), unmerged) <= TOL
+
+
+def test_only_lora_and_value_head_parameters_require_grad(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    vlm.add_value_head()
+    add_lora(vlm, targets=("q_proj", "v_proj"))
+    trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith("value_head.") for n in trainable)
+    assert {"value_head.weight", "value_head.bias"} <= trainable
+    assert sum(".lora_A" in n for n in trainable) == 2 * vlm.config.text.num_hidden_layers
+
+
+def test_value_head_runs_in_float32_on_a_bfloat16_model(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path, dtype=torch.bfloat16)
+    vlm.add_value_head()
+    _, hidden = vlm(torch.tensor(prompt_ids((4,))), pixel_values=pixels(1), return_hidden=True)
+    assert hidden.dtype == torch.bfloat16 and vlm.values(hidden).dtype == torch.float32
+
+
+def test_save_pretrained_is_read_back_by_transformers(ckpt, tmp_path):
+    path, hf = ckpt
+    from transformers import LlavaForConditionalGeneration
+    vlm = VLM.from_pretrained(path)
+    vlm.save_pretrained(tmp_path / "out")
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    ids, pv = torch.tensor(prompt_ids((4,))), pixels(1)
+    with torch.no_grad():
+        assert maxdiff(back(input_ids=ids, pixel_values=pv).logits, hf(input_ids=ids, pixel_values=pv).logits) == 0
+
+
+# ---------------------------------------------------------------------------- tokenizer, prompt, images
+
+def test_prompt_is_llava_template_with_image_tokens_expanded(ckpt):
+    path, _ = ckpt
+    vlm, tok = VLM.from_pretrained(path), load_tokenizer(path)
+    batch = encode_batch(tok, vlm.config, ["w5 w6 w7", "w9"], images=[Image.new("RGB", (30, 40))] * 2)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == (2, 1 + 1 + 16 + 3 + 1) and mask[1].tolist()[:2] == [0, 0]
+    assert ids[0].tolist() == [1, 100] + [tiny.IMAGE_TOKEN] * 16 + [5, 6, 7, 101]
+    assert (ids[1, :2] == tiny.PAD_TOKEN).all()
+    assert batch["pixel_values"].shape == (2, 3, 28, 28)
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(tmp_path):
+    tiny.make_tiny_llava(tmp_path)
+    tiny.make_tiny_tokenizer(tmp_path, chat_template="{% for m in messages %}w10 {{ m['content'] }} w11{% endfor %}"
+                                                     "{% if add_generation_prompt %} w12{% endif %}")
+    vlm, tok = VLM.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    ids = encode_batch(tok, vlm.config, ["w5"], images=[Image.new("RGB", (28, 28))])["input_ids"]
+    assert ids[0].tolist() == [10] + [tiny.IMAGE_TOKEN] * 16 + [5, 11, 12]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "LA"])
+@pytest.mark.parametrize("size", [(37, 53), (101, 29), (28, 28)])
+def test_preprocessing_equals_clip_image_processor(mode, size):
+    from transformers import CLIPImageProcessor
+    proc = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    rng = np.random.default_rng(sum(size))
+    arr = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGBA").convert(mode)
+    ref = proc(images=img, return_tensors="pt")["pixel_values"][0]
+    ours = preprocess_image(img, 24)
+    assert ours.shape == ref.shape == (3, 24, 24)
+    assert maxdiff(ours, ref) <= 1e-5
+
+
+def test_pad_to_square_centres_the_image_on_the_mean_colour():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    x = preprocess_image(img, 20, pad_to_square=True)
+    mean_pixel = preprocess_image(Image.new("RGB", (4, 4), (122, 116, 104)), 20)[:, 0, 0]
+    assert torch.allclose(x[:, 0, 10], mean_pixel, atol=1e-2)  # top band: padding
+    assert torch.allclose(x[:, 10, 10], preprocess_image(img, 20)[:, 10, 10], atol=1e-2)  # middle: the image
+
+
+# ---------------------------------------------------------------------------- bad input: one clear line each
+
+def one_line_error(fn, *args, match, **kw):
+    with pytest.raises(InputError, match=match) as e:
+        fn(*args, **kw)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_missing_folder_config_and_shard_are_named(tmp_path, ckpt):
+    one_line_error(VLM.from_pretrained, tmp_path / "nope", match="not found")
+    one_line_error(VLM.from_pretrained, tmp_path, match="config.json: file not found")
+    tiny.make_tiny_llava(tmp_path)
+    tiny.shard(tmp_path)
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    one_line_error(VLM.from_pretrained, tmp_path, match="shard model-00002-of-00002.safetensors is listed but missing")
+
+
+def test_offline_hub_id_says_what_to_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg = one_line_error(VLM.from_pretrained, "llava-hf/llava-1.5-7b-hf", match="hf download llava-hf/llava-1.5-7b-hf")
+    assert "--local-dir" in msg
+
+
+def test_unsupported_model_type_is_refused(tmp_path):
+    tiny.make_tiny_llava(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "llava_next"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    one_line_error(VLM.from_pretrained, tmp_path, match="model_type is 'llava_next', expected 'llava'")
+
+
+def test_missing_unexpected_and_misshapen_weights_are_listed(tmp_path):
+    tiny.make_tiny_llava(tmp_path)
+    f = tmp_path / "model.safetensors"
+    sd = load_file(f)
+    norm = "language_model.model.norm.weight"
+    save_file({k: v for k, v in sd.items() if k != norm}, f)
+    one_line_error(VLM.from_pretrained, tmp_path, match=f"missing weights language_model.norm.weight")
+    save_file({**sd, "language_model.model.extra.weight": torch.zeros(2)}, f)
+    one_line_error(VLM.from_pretrained, tmp_path, match="unexpected weights language_model.model.extra.weight")
+    save_file({**sd, norm: torch.zeros(7)}, f)
+    one_line_error(VLM.from_pretrained, tmp_path, match=r"norm.weight has shape \(7,\), expected \(48,\)")
+
+
+def test_corrupt_safetensors_is_named(tmp_path):
+    tiny.make_tiny_llava(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
+    one_line_error(VLM.from_pretrained, tmp_path, match="model.safetensors: not a readable safetensors file")
+
+
+def test_unreadable_image_and_out_of_range_layer_are_named(tmp_path, ckpt):
+    one_line_error(load_image, tmp_path / "missing.png", match="missing.png: image file not found")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    one_line_error(load_image, tmp_path / "bad.png", match="bad.png: not a readable image")
+    vlm = VLM.from_pretrained(ckpt[0])
+    one_line_error(vlm.vision_features, pixels(), 5, match=r"image layer 5 is out of range .* \(expected -5..4")
+    one_line_error(vlm.vision_features, pixels(), -6, match="out of range")

@@ -489,6 +489,30 @@ def save_lora(vlm, path):
     atomic_save_safetensors({k: v.contiguous().cpu() for k, v in sd.items()}, path, metadata=meta)
 
 
+def save_peft_adapter(vlm, folder, base_model=""):
+    """Write the adapters as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json), so that
+    transformers + peft users can load them onto LlavaForConditionalGeneration."""
+    cfg = vlm.lora_config
+    sd = {}
+    for k, v in lora_state_dict(vlm).items():
+        # ours: language_model.layers.0.self_attn.q_proj.lora_A -> peft: ...q_proj.lora_A.weight on the HF module tree
+        module, _, which = k.rpartition(".")
+        sd[f"base_model.model.model.{module}.{which}.weight"] = v.contiguous().cpu()
+    adapter_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_model),
+        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "bias": "none",
+        # a regex, so that the vision tower's q_proj/k_proj/v_proj are not adapted too
+        "target_modules": rf".*language_model.*\.({'|'.join(cfg['targets'])})",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None,
+    }
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)) or ".", prefix=".tmp-")
+    atomic_save_safetensors(sd, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config, f, indent=2)
+    replace_dir(tmp, folder)
+
+
 def load_lora(vlm, path):
     """Load adapters saved by save_lora, adding them (and a value head) to `vlm` first if it has none."""
     from safetensors import safe_open
@@ -576,11 +600,11 @@ class VLM(nn.Module):
                              "(expand <image> to config.image_seq_length tokens per image, see encode_batch)")
         return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
 
-    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False):
-        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
+    def hidden_states(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None):
+        """The decoder's final (normed) hidden states (B, T, D), image tokens taken from layer `image_layer`.
 
-        With left padding, pass attention_mask: positions then count from each row's first real token,
-        so a padded row gives the same logits as that row alone.
+        With padding, pass attention_mask: positions then count from each row's first real token,
+        so a left-padded row gives the same result as that row alone.
         """
         x = self.embed(input_ids, pixel_values, image_layer)
         B, T = input_ids.shape
@@ -588,7 +612,11 @@ class VLM(nn.Module):
             attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         idx = torch.arange(T, device=input_ids.device)
-        hidden = self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx))
+        return self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx))
+
+    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False):
+        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D)."""
+        hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask)
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
 
@@ -646,6 +674,7 @@ class VLM(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         load_weights(model, path, device, dtype)
+        model.source_path = path  # where the tokenizer lives, also when `path` was a hub id
         return model.eval()
 
     def save_pretrained(self, path):

@@ -383,3 +383,28 @@ def test_unreadable_image_and_out_of_range_layer_are_named(tmp_path, ckpt):
     vlm = VLM.from_pretrained(ckpt[0])
     one_line_error(vlm.vision_features, pixels(), 5, match=r"image layer 5 is out of range .* \(expected -5..4")
     one_line_error(vlm.vision_features, pixels(), -6, match="out of range")
+
+
+def test_peft_adapter_folder_loads_in_transformers_and_peft_with_the_same_logits(ckpt, tmp_path):
+    """Users of transformers + peft get exactly our policy from the adapter folder lppo.py writes."""
+    from peft import PeftModel
+    from model import save_peft_adapter
+    path, hf = ckpt
+    vlm = VLM.from_pretrained(path)
+    add_lora(vlm, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in vlm.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.2)
+    save_peft_adapter(vlm, tmp_path / "peft", base_model=str(path))
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    adapted = [n for n, _ in peft_model.named_modules() if n.endswith(("q_proj", "v_proj", "down_proj")) and "lora" not in n]
+    assert adapted and all("language_model" in n for n in adapted if hasattr(peft_model.get_submodule(n), "lora_A"))
+    ids, pv = torch.tensor(prompt_ids((4,))), pixels(1)
+    with torch.no_grad():
+        ours = vlm(ids, pixel_values=pv, image_layer=2)
+        ref = peft_model(input_ids=ids, pixel_values=pv, vision_feature_layer=2).logits
+    assert maxdiff(ours, ref) <= TOL
+    base_vlm = VLM.from_pretrained(path)
+    with torch.no_grad():
+        assert maxdiff(base_vlm(ids, pixel_values=pv, image_layer=2), ours) > 1e-3  # the adapter really acts

@@ -1,0 +1,196 @@
+"""
+How far from home are intermediate-layer image features, as the language model sees them? The paper explains the
+ICET vulnerability by intermediate-layer embeddings being out of distribution for the LM (its Fig. 2c); this measures
+it. For a set of images, CLIP runs once and the hidden state of every layer is kept (saved as safetensors); each layer
+then goes through the unchanged projector and is compared with the default layer's projected features and with the
+LM's own text-token embeddings:
+
+    cos    mean cosine similarity: token by token against the default layer, over all pairs against the text
+    norm   ratio of mean norms (layer / reference)
+    CKA    linear CKA against the default layer (Kornblith et al. 2019), 1 = the same geometry up to rotation and scale
+    FD     Fréchet distance between Gaussian fits, the FID formula
+    OOD    mean Mahalanobis distance under a Gaussian fitted on default-layer features (Lee et al. 2018)
+
+Everything is computed after the projector, in the LM's input space: that is what the LM reads, and it puts the
+default layer and the text embeddings in one space.
+
+    python extract.py --init_from=checkpoints/llava-1.5-7b-hf --image_dir=data/cp/images --out_dir=out/extract
+"""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from evaluate import IMAGE_SUFFIXES, line_plot, markdown_table, write_csv
+
+# -----------------------------------------------------------------------------
+# Statistics on (N, D) feature sets, in float64
+
+
+def paired_cosine(a, b):
+    """Mean cosine similarity of matching rows (the same image token at two layers)."""
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+
+
+def mean_pairwise_cosine(a, b):
+    """Mean cosine similarity over all pairs (a_i, b_j), for sets with no row-to-row match."""
+    # the mean of all N*M dot products of unit vectors is the dot product of their means
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return (unit(a).mean(0) @ unit(b).mean(0)).item()
+
+
+def norm_ratio(a, b):
+    """Mean row norm of a over mean row norm of b."""
+    return (a.norm(dim=-1).mean() / b.norm(dim=-1).mean()).item()
+
+
+def linear_cka(x, y):
+    """Linear CKA of paired samples x (N, D1) and y (N, D2): |Y'X|_F^2 / (|X'X|_F |Y'Y|_F) after centering."""
+    # the feature-space form: D x D products instead of N x N Gram matrices, N being tens of thousands of tokens
+    x, y = x - x.mean(0), y - y.mean(0)
+    return ((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())).item()
+
+
+def gaussian_fit(x):
+    """Mean and (unbiased) covariance of the rows of x."""
+    return x.mean(0), torch.cov(x.T)
+
+
+def sqrtm_psd(m):
+    """Square root of a symmetric positive semi-definite matrix."""
+    vals, vecs = torch.linalg.eigh(m)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2, sqrt_cov1=None):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), the Fréchet distance between two Gaussians."""
+    s1 = sqrtm_psd(cov1) if sqrt_cov1 is None else sqrt_cov1
+    # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), and the latter's matrix is symmetric PSD: eigvalsh is stable there
+    cross = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp(min=0).sqrt().sum()
+    fd = ((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * cross
+    return max(0.0, fd.item())  # identical Gaussians can come out a rounding error below zero
+
+
+def fit_mahalanobis(x, shrinkage=0.01):
+    """Mean and precision matrix of x, the covariance shrunk toward a multiple of the identity so that it stays
+    invertible when tokens are few or nearly collinear."""
+    mu, cov = gaussian_fit(x)
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * cov.trace() / d * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    return mu, torch.linalg.inv(cov)
+
+
+def mahalanobis_distance(x, mu, precision):
+    """sqrt((x - mu)' P (x - mu)) for each row of x."""
+    diff = x - mu
+    return ((diff @ precision) * diff).sum(-1).clamp(min=0).sqrt()
+
+
+def layer_statistics(features, default_layer, text_embeddings, shrinkage=0.01):
+    """One row of statistics per layer: features {layer: (N, D)} paired by row across layers (the same image tokens),
+    text_embeddings (V, D), all in the LM's input space."""
+    ref = features[default_layer].double()
+    text = text_embeddings.double()
+    mu_ref, cov_ref = gaussian_fit(ref)
+    mu_text, cov_text = gaussian_fit(text)
+    sqrt_ref, sqrt_text = sqrtm_psd(cov_ref), sqrtm_psd(cov_text)
+    mu_ood, precision = fit_mahalanobis(ref, shrinkage)
+    rows = []
+    for layer, x in sorted(features.items()):
+        x = x.double()
+        mu, cov = gaussian_fit(x)
+        rows.append({
+            "layer": layer,
+            "cos_default": paired_cosine(x, ref), "norm_default": norm_ratio(x, ref), "cka_default": linear_cka(x, ref),
+            "fd_default": frechet_distance(mu_ref, cov_ref, mu, cov, sqrt_ref),
+            "cos_text": mean_pairwise_cosine(x, text), "norm_text": norm_ratio(x, text),
+            "fd_text": frechet_distance(mu_text, cov_text, mu, cov, sqrt_text),
+            "ood": mahalanobis_distance(x, mu_ood, precision).mean().item(),
+        })
+    return rows
+
+
+# layer_statistics' keys -> the table's and the plot's names
+COLUMNS = {"cos_default": "cos vs default", "norm_default": "norm / default", "cka_default": "CKA vs default",
+           "fd_default": "FD vs default", "cos_text": "cos vs text", "norm_text": "norm / text",
+           "fd_text": "FD vs text", "ood": "Mahalanobis OOD"}
+
+# -----------------------------------------------------------------------------
+# The program. Defaults below; override them with a config file or --key=value (configurator.py).
+
+init_from = "checkpoints/llava-1.5-7b-hf"  # llava-hf checkpoint folder
+image_dir = "data/cp/images"  # the images (.jpg, .jpeg, .png)
+limit = 64  # a seeded random subset of this many images; 0 = all (every layer of every image is kept in memory)
+batch_size = 16
+max_tokens = 8192  # image tokens (the same ones at every layer) and text embeddings the statistics use
+shrinkage = 0.01  # of the default-layer covariance behind the Mahalanobis score
+save_dtype = "float16"  # of features.safetensors
+seed = 1337
+out_dir = "out/extract"
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+@torch.no_grad()
+def main():
+    from safetensors.torch import save_file
+    from model import VLM, load_image, preprocess_image
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    os.makedirs(out_dir, exist_ok=True)
+    images = sorted(str(p) for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"image_dir = {image_dir!r}: no .jpg or .png images; expected a folder of images")
+    if limit:
+        images = sorted(random.Random(seed).sample(images, min(limit, len(images))))
+    vlm = VLM.from_pretrained(init_from, device=device, dtype=dtypes[dtype])
+    L = vlm.config.vision.num_hidden_layers
+    default_layer = vlm.image_layer_index(None)
+    drop_cls = vlm.config.vision_feature_select_strategy == "default"
+
+    # one pass through CLIP per batch keeps every layer's hidden state
+    per_layer = {l: [] for l in range(L + 1)}
+    for i in range(0, len(images), batch_size):
+        pixels = torch.stack([preprocess_image(load_image(p), vlm.config.vision.image_size)
+                              for p in images[i:i + batch_size]]).to(device, dtypes[dtype])
+        for l, h in vlm.vision_tower(pixels, set(range(L + 1))).items():
+            per_layer[l].append((h[:, 1:] if drop_cls else h).to("cpu", dtypes[save_dtype]))
+        print(f"features: {min(i + batch_size, len(images))}/{len(images)} images")
+    per_layer = {l: torch.cat(hs) for l, hs in per_layer.items()}
+    meta = {"images": json.dumps(images), "default_layer": str(default_layer), "model": init_from}
+    save_file({f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
+              os.path.join(out_dir, "features.safetensors"), metadata=meta)
+
+    # the same tokens at every layer, so that per-token cosine and CKA compare like with like
+    g = torch.Generator().manual_seed(seed)
+    n_tokens = per_layer[0].shape[0] * per_layer[0].shape[1]
+    token_idx = torch.randperm(n_tokens, generator=g)[:max_tokens]
+    projected = {l: vlm.multi_modal_projector(h.flatten(0, 1)[token_idx].to(device, dtypes[dtype])).double()
+                 for l, h in per_layer.items()}
+    embeddings = vlm.language_model.embed_tokens.weight
+    text = embeddings[torch.randperm(embeddings.shape[0], generator=g)[:max_tokens].to(embeddings.device)].double()
+    rows = layer_statistics(projected, default_layer, text, shrinkage)
+
+    with open(os.path.join(out_dir, "statistics.json"), "w") as f:
+        json.dump({"model": init_from, "images": len(images), "tokens": len(token_idx), "text_embeddings": len(text),
+                   "default_layer": default_layer, "layers": rows}, f, indent=2)
+    header = ["layer"] + list(COLUMNS.values())
+    table = [[f"{r['layer']}" + (" (default)" if r["layer"] == default_layer else "")] + [r[c] for c in COLUMNS]
+             for r in rows]
+    write_csv(os.path.join(out_dir, "statistics.csv"), header, table)
+    md = markdown_table(header, table)
+    with open(os.path.join(out_dir, "statistics.md"), "w") as f:
+        f.write(md)
+    print(md)
+    name = os.path.basename(os.path.normpath(init_from))
+    panels = [{"title": title, "mark": default_layer, "series": {name: [(r["layer"], r[c]) for r in rows]}}
+              for c, title in COLUMNS.items()]
+    line_plot(panels, os.path.join(out_dir, "statistics.png"), columns=4)
+    print(f"wrote {out_dir}/features.safetensors, statistics.json, statistics.csv, statistics.md, statistics.png")
+
+
+if __name__ == "__main__":
+    exec(open("configurator.py").read())
+    main()

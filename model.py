@@ -614,6 +614,12 @@ class VLM(nn.Module):
         idx = torch.arange(T, device=input_ids.device)
         return self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx))
 
+    def response_logits(self, hidden):
+        """Logits for generated tokens: the image placeholder can never be a response token, since the next
+        forward pass would splice image features into its slot, so it gets probability 0."""
+        logits = self.lm_head(hidden)
+        return logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
+
     def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False):
         """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D)."""
         hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask)
@@ -627,8 +633,8 @@ class VLM(nn.Module):
 
         Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
         pad_token_id after each row's first EOS (the EOS itself kept). logprobs (B, n) float32 are the
-        log-probabilities of the chosen tokens under softmax(logits / temperature), the same quantity a
-        training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
+        log-probabilities of the chosen tokens under softmax(response_logits / temperature), the same quantity
+        a training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
         and scores under softmax(logits). logprobs is None unless return_logprobs.
         """
         B, T0 = input_ids.shape
@@ -645,7 +651,7 @@ class VLM(nn.Module):
         k_pos = torch.arange(S, device=dev)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos), cache, k_pos[:T0])
-        logits = self.lm_head(hidden[:, -1]).float()
+        logits = self.response_logits(hidden[:, -1]).float()
         pos = pos[:, -1:]
         tokens, logprobs = [], []
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -662,7 +668,7 @@ class VLM(nn.Module):
             pos = pos + 1
             h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
                                     build_mask(key_valid, cur, k_pos), cache, cur)
-            logits = self.lm_head(h[:, -1]).float()
+            logits = self.response_logits(h[:, -1]).float()
         tokens = torch.stack(tokens, 1)
         return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
 
@@ -969,3 +975,102 @@ def preprocess_image(image, size, pad_to_square=False):
     x = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] * (1 / 255)
     x = (x - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 (Radford et al. 2019): the backbone of the paper's reward model (reward.py puts a scalar head on it).
+# Module names are Hugging Face's (wte, wpe, h.N.ln_1, attn.c_attn, ...). HF stores GPT-2's linears as Conv1D
+# with weights [in, out]; ours are nn.Linear, [out, in], so those four weights are transposed on load and save.
+
+GPT2_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int = 0                      # 0: 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+
+    def __post_init__(self):
+        self.n_inner = self.n_inner or 4 * self.n_embd
+
+
+def gpt2_config_from_hf(d, where="config.json"):
+    """A GPT2Config from a transformers GPT-2 config.json, refusing the options our GPT-2 does not implement."""
+    if d.get("model_type") != "gpt2":
+        raise InputError(f"{where}: model_type is {d.get('model_type')!r}, expected 'gpt2'")
+    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                    ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+        if d.get(key, ok) != ok:
+            raise InputError(f"{where}: {key}={d[key]!r} is not supported, expected {ok!r}")
+    cfg = _pick(GPT2Config, d, where)
+    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise InputError(f"{where}: activation_function {cfg.activation_function!r} is not supported, "
+                         "expected 'gelu_new'")
+    return cfg
+
+
+def gpt2_config_to_hf(cfg):
+    return {**asdict(cfg), "model_type": "gpt2"}
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, mask):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
+        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+        # gelu_new is the tanh approximation of GELU; plain "gelu" is the exact (erf) one
+        self.approximate = "none" if cfg.activation_function == "gelu" else "tanh"
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)  # learned absolute positions
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+
+    def forward(self, x, position_ids, mask):
+        """Run token embeddings x (B, T, D) at positions (B, T) under a boolean mask, as LlamaModel does;
+        return the final-normed hidden states."""
+        x = x + self.wpe(position_ids)
+        for block in self.h:
+            x = block(x, mask)
+        return self.ln_f(x)

@@ -1,16 +1,35 @@
 """
-Reward model r(x, y): a GPT-2 with a scalar head, trained on HH-RLHF preference pairs with the Bradley-Terry loss
-(Eq. 4). It reads text only: the prompt and the response, never the image.
+Reward model r(x, y): a decoder with a scalar head read at the last token, trained on preference pairs with the
+Bradley-Terry loss (Eq. 4). It reads text only, the prompt and the response in HH-RLHF format, never the image.
+Two backbones: GPT-2, the paper's ("we use the reward model GPT2 architectures", trained on HH-RLHF), and the
+Llama decoder of model.py, for the smol world's reward model (SmolLM2 with a head, see config/smol_rm.py).
+Checkpoints are transformers' GPT2ForSequenceClassification / LlamaForSequenceClassification folders.
 
-The top of this file holds the pure parts: the loss, HH-RLHF transcript handling, and a GPT-2 tokenizer built with
-tiktoken from a checkpoint's own vocab.json and merges.txt.
+The top of this file holds the reusable parts: the loss, HH-RLHF transcript handling, a GPT-2 tokenizer built with
+tiktoken from a checkpoint's own vocab.json and merges.txt, and the RewardModel. The training program is at the
+bottom:
+
+    python reward.py config/smol_rm.py                             # the smol world's RM, ~N minutes on 2 CPU cores
+    torchrun --standalone --nproc_per_node=8 reward.py config/gpt2_hh_rm.py   # the paper's GPT-2 on HH-RLHF
 """
 
+import gzip
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import tiktoken
+import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from model import (GPT2_CONV1D_WEIGHTS, GPT2Model, InputError, LlamaModel, LoRALinear, VLM, VLMConfig,
+                   _open_safetensors, atomic_save_safetensors, build_mask, checkpoint_shards, config_from_hf,
+                   config_to_hf, gpt2_config_from_hf, gpt2_config_to_hf, load_tokenizer, read_json, replace_dir,
+                   resolve_checkpoint, rope_inv_freq)
 
 # -----------------------------------------------------------------------------
 # Bradley-Terry loss
@@ -47,29 +66,38 @@ def format_hh(prompt, response):
     return f"{HUMAN} {prompt}{ASSISTANT} {response}"
 
 
-def read_preference_jsonl(path):
-    """Read HH-RLHF style {"chosen": str, "rejected": str} lines into a list of (chosen, rejected) pairs."""
+def read_preference_jsonl(path, hh=False):
+    """Read HH-RLHF style {"chosen": str, "rejected": str} lines (.jsonl, or .jsonl.gz as Anthropic ships them)
+    into a list of (chosen, rejected) pairs; hh=True also checks that each text is an HH transcript."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
     pairs = []
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'chosen' and 'rejected', "
+                raise InputError(f"{path}:{lineno}: expected a JSON object with 'chosen' and 'rejected', "
                                  f"got {type(record).__name__}")
             for key in ("chosen", "rejected"):
                 if not isinstance(record.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: key {key!r} should be a string, got {record.get(key)!r:.60}")
+                    raise InputError(f"{path}:{lineno}: key {key!r} should be a string, got {record.get(key)!r:.60}")
+                if hh:
+                    try:
+                        split_hh(record[key])
+                    except ValueError as e:
+                        raise InputError(f"{path}:{lineno}: {key!r} is not an HH-RLHF transcript: {e}") from None
             # an identical pair carries no preference, and would pull the loss towards log 2 for nothing
             if record["chosen"] == record["rejected"]:
-                raise ValueError(f"{path}:{lineno}: 'chosen' and 'rejected' are identical")
+                raise InputError(f"{path}:{lineno}: 'chosen' and 'rejected' are identical")
             pairs.append((record["chosen"], record["rejected"]))
     if not pairs:
-        raise ValueError(f"{path}: no preference pairs, expected one JSON object per line")
+        raise InputError(f"{path}: no preference pairs, expected one JSON object per line")
     return pairs
 
 # -----------------------------------------------------------------------------
@@ -138,3 +166,455 @@ def gpt2_tiktoken_encoding(folder):
         raise ValueError(f"{vocab_path}: tokens {extra[:5]} come from no merge in {merges_path}")
     return tiktoken.Encoding(name=f"gpt2:{os.path.abspath(folder)}", pat_str=GPT2_SPLIT_PATTERN,
                              mergeable_ranks=ranks, special_tokens=special_tokens)
+
+# -----------------------------------------------------------------------------
+# The reward model: a GPT-2 or Llama decoder, and a linear head read at each row's last real token
+
+# what a checkpoint folder's tokenizer may consist of; save_pretrained copies whichever exist
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# buffers some checkpoints carry, computed rather than learned: GPT-2's causal-mask tables, Llama's RoPE table
+IGNORED_KEY_ENDINGS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def llama_config_from_hf(d, where):
+    """model.LlamaConfig from a Llama config.json, parsed as the text_config of a llava config (one parser for both)."""
+    return config_from_hf({"model_type": "llava", "text_config": {**d, "model_type": "llama"}}, where).text
+
+
+def right_pad(seqs, pad_id, device="cpu"):
+    """Stack ragged id lists into (B, T) input_ids and attention_mask, padding on the right."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class RewardModel(nn.Module):
+    """r(x, y) = w · h_last: transformers' GPT2ForSequenceClassification or LlamaForSequenceClassification."""
+
+    def __init__(self, model_type, config, pad_token_id=None):
+        super().__init__()
+        self.model_type, self.config, self.pad_token_id = model_type, config, pad_token_id
+        if model_type == "gpt2":
+            self.backbone, width, self.max_length = GPT2Model(config), config.n_embd, config.n_positions
+        else:
+            self.backbone, width = LlamaModel(config), config.hidden_size
+            self.max_length = config.max_position_embeddings
+        # transformers calls it `score`; here score() is the method that scores text. Kept in float32.
+        self.head = nn.Linear(width, 1, bias=False, dtype=torch.float32)
+        self.tokenizer, self.bos, self.source = None, [], None  # set by from_pretrained
+        self.truncation_noticed = False
+
+    def blocks(self):
+        return self.backbone.h if self.model_type == "gpt2" else self.backbone.layers
+
+    def forward(self, input_ids, attention_mask=None):
+        """Scores (B,) float32 read at each row's last real token. Without attention_mask, as in transformers,
+        padding is wherever input_ids equal pad_token_id."""
+        if attention_mask is None:
+            attention_mask = (input_ids != self.pad_token_id) if self.pad_token_id is not None else \
+                torch.ones_like(input_ids)
+        real = attention_mask.bool()
+        B, T = input_ids.shape
+        idx = torch.arange(T, device=input_ids.device)
+        # positions count real tokens only, so a row scores the same whichever side it is padded on
+        position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
+        embed = self.backbone.wte if self.model_type == "gpt2" else self.backbone.embed_tokens
+        hidden = self.backbone(embed(input_ids), position_ids, build_mask(real, idx, idx))
+        last = (idx * real).argmax(-1)  # the rightmost real token
+        with torch.autocast(input_ids.device.type, enabled=False):  # a scalar reward deserves float32
+            return self.head(hidden[torch.arange(B, device=input_ids.device), last].float()).squeeze(-1)
+
+    def tokens(self, text):
+        """Token ids of text, without special tokens."""
+        if isinstance(self.tokenizer, tiktoken.Encoding):
+            return self.tokenizer.encode(text, allowed_special="all")  # "<|endoftext|>" is one token, as in HF
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_hh(self, prompt, response):
+        """Token ids of format_hh(prompt, response); a transcript over max_length loses the start of its prompt."""
+        ids = self.bos + self.tokens(format_hh(prompt, response))
+        if len(ids) <= self.max_length:
+            return ids
+        if not self.truncation_noticed:
+            print(f"reward: a transcript of {len(ids)} tokens is longer than max_length={self.max_length}; the start "
+                  "of its prompt is dropped to fit (and the end of a response too long on its own). Said once.")
+            self.truncation_noticed = True
+        head, body = self.bos + self.tokens(HUMAN), self.tokens(" " + prompt)
+        tail = self.tokens(f"{ASSISTANT} {response}")
+        keep = max(self.max_length - len(head) - len(tail), 0)
+        return (head + body[len(body) - keep:] + tail)[:self.max_length]
+
+    @torch.no_grad()
+    def score_tokens(self, seqs, batch_size=16):
+        """Scores (N,) float32 of token-id lists, right-padded in batches of similar length."""
+        device = self.head.weight.device
+        scores = torch.empty(len(seqs), dtype=torch.float32, device=device)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        pad = 0 if self.pad_token_id is None else self.pad_token_id
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            scores[rows] = self(*right_pad([seqs[j] for j in rows], pad, device))
+        return scores
+
+    def score(self, prompts, responses, batch_size=16):
+        """r(x, y) of each (prompt, response) in HH format: (B,) float32 on the model's device."""
+        if len(prompts) != len(responses):
+            raise InputError(f"reward: got {len(prompts)} prompts and {len(responses)} responses, expected one each")
+        return self.score_tokens([self.encode_hh(p, r) for p, r in zip(prompts, responses)], batch_size)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, init_head=False):
+        """Load a GPT2/LlamaForSequenceClassification folder. With init_head, also start a reward model from a
+        language model without a head (GPT-2, Llama, or a llava folder's language model): the head starts at zero."""
+        path = resolve_checkpoint(path)
+        where = os.path.join(path, "config.json")
+        d = read_json(where)
+        model_type, archs = d.get("model_type"), d.get("architectures") or []
+        if not init_head and not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise InputError(f"{where}: architectures {archs} has no reward head, expected GPT2ForSequenceClassification "
+                             "or LlamaForSequenceClassification (train one with reward.py)")
+        if model_type == "llava":
+            vlm = VLM.from_pretrained(path, device, dtype)
+            with torch.device("meta"):
+                rm = cls("llama", vlm.config.text, vlm.config.pad_token_id)
+            rm.backbone = vlm.language_model  # the llava's decoder itself, no second copy
+            rm.head = nn.Linear(vlm.config.text.hidden_size, 1, bias=False, device=device, dtype=torch.float32)
+            nn.init.zeros_(rm.head.weight)
+        elif model_type in ("gpt2", "llama"):
+            if model_type == "gpt2":
+                # GPT-2 has no pad token of its own; reward models pad with EOS, and so does transformers' example
+                cfg, pad = gpt2_config_from_hf(d, where), d.get("pad_token_id", d.get("eos_token_id"))
+            else:
+                cfg, pad = llama_config_from_hf(d, where), d.get("pad_token_id")
+            with torch.device("meta"):
+                rm = cls(model_type, cfg, pad)
+            load_reward_weights(rm, path, device, dtype, init_head)
+        else:
+            raise InputError(f"{where}: model_type {model_type!r} is not supported, expected 'gpt2' or 'llama' "
+                             "(a reward model or a language model), or 'llava' (its language model)")
+        rm.source = path
+        if rm.model_type == "gpt2":
+            try:
+                rm.tokenizer = gpt2_tiktoken_encoding(path)
+            except (FileNotFoundError, ValueError) as e:
+                raise InputError(str(e)) from None
+        else:
+            rm.tokenizer = load_tokenizer(path)
+            rm.bos = rm.tokenizer("")["input_ids"]  # whatever the tokenizer puts in front of every text (BOS or none)
+        return rm.eval()
+
+    def hf_config(self):
+        if self.model_type == "gpt2":
+            d, arch = gpt2_config_to_hf(self.config), "GPT2ForSequenceClassification"
+        else:
+            d, arch = config_to_hf(VLMConfig(text=self.config))["text_config"], "LlamaForSequenceClassification"
+            d["tie_word_embeddings"] = False  # there is no lm_head to tie
+        return {**d, "architectures": [arch], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                "pad_token_id": self.pad_token_id}
+
+    def save_pretrained(self, path, extra_files=None):
+        """Write a transformers *ForSequenceClassification folder: config.json, model.safetensors and the tokenizer
+        files, atomically. LoRA adapters are folded into the saved weights; the model itself is left as is.
+        extra_files: {name: JSON-able object} written into the folder too."""
+        prefix = "transformer." if self.model_type == "gpt2" else "model."
+        sd = {}
+        for key, t in merged_state_dict(self).items():
+            if key == "head.weight":
+                sd["score.weight"] = t
+                continue
+            hf_key = prefix + key.removeprefix("backbone.")
+            sd[hf_key] = t.t() if self.model_type == "gpt2" and hf_key.endswith(GPT2_CONV1D_WEIGHTS) else t
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+        atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in sd.items()},
+                                os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, obj in {"config.json": self.hf_config(), **(extra_files or {})}.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        for name in TOKENIZER_FILES:
+            if self.source and os.path.isfile(os.path.join(self.source, name)):
+                shutil.copy(os.path.join(self.source, name), tmp)
+        replace_dir(tmp, path)
+
+
+def load_reward_weights(rm, path, device, dtype, init_head):
+    """Copy a checkpoint's tensors into rm (built on the meta device) by name, one tensor at a time."""
+    prefix = "transformer." if rm.model_type == "gpt2" else "model."
+    expected = rm.state_dict()
+    loaded, unexpected = {}, []
+    for shard in checkpoint_shards(path):
+        with _open_safetensors(shard) as f:
+            for hf_key in f.keys():
+                if hf_key.endswith(IGNORED_KEY_ENDINGS) or hf_key == "lm_head.weight":
+                    continue  # the language-model head is not part of a reward model
+                # GPT2Model checkpoints have bare keys, the *LMHeadModel / *ForSequenceClassification ones a prefix
+                key = "head.weight" if hf_key == "score.weight" else "backbone." + hf_key.removeprefix(prefix)
+                if key not in expected:
+                    unexpected.append(hf_key)
+                    continue
+                t = f.get_tensor(hf_key)
+                if rm.model_type == "gpt2" and hf_key.endswith(GPT2_CONV1D_WEIGHTS):
+                    t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
+                if t.shape != expected[key].shape:
+                    hint = " (a reward model has one output, num_labels=1)" if key == "head.weight" and t.shape[0] != 1 else ""
+                    raise InputError(f"{shard}: {hf_key} has shape {tuple(t.shape)}, expected "
+                                     f"{tuple(expected[key].shape)} from config.json{hint}")
+                loaded[key] = t.to(device=device, dtype=torch.float32 if key == "head.weight" else dtype)
+    if unexpected:
+        raise InputError(f"{path}: unexpected weights {', '.join(sorted(unexpected)[:8])}")
+    if init_head and "head.weight" not in loaded:
+        loaded["head.weight"] = torch.zeros(expected["head.weight"].shape, device=device)  # every text scores 0 at first
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise InputError(f"{path}: missing weights {', '.join(missing[:8])}" + (f" ... ({len(missing)} in all)"
+                                                                              if len(missing) > 8 else ""))
+    rm.load_state_dict(loaded, strict=False, assign=True)
+    if rm.model_type == "llama":  # the rotary table is computed, not stored: rebuild it on the real device
+        rm.backbone.inv_freq = rope_inv_freq(rm.config).to(device)
+
+
+def merged_state_dict(module):
+    """module.state_dict() with every LoRA adapter folded into its base weight, under the base layer's names."""
+    sd = {k.replace(".base.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"{name}.weight"] = m.merged_weight()
+    return sd
+
+
+def choose_trainable(rm, train_mode, last_k_blocks=1, lora_r=8, lora_alpha=16, lora_targets=()):
+    """Freeze rm but for what train_mode trains, and return those parameters. Always the head; "last_k" also the
+    last k blocks and the final norm; "lora" also LoRA adapters on the linears named in lora_targets."""
+    rm.requires_grad_(False)
+    rm.head.requires_grad_(True)
+    blocks = rm.blocks()
+    if train_mode == "last_k":
+        if not 1 <= last_k_blocks <= len(blocks):
+            raise InputError(f"last_k_blocks={last_k_blocks}, expected 1..{len(blocks)} (the backbone's blocks)")
+        blocks[len(blocks) - last_k_blocks:].requires_grad_(True)
+        (rm.backbone.ln_f if rm.model_type == "gpt2" else rm.backbone.norm).requires_grad_(True)
+    elif train_mode == "lora":
+        n = 0
+        for module in list(rm.backbone.modules()):
+            for name, child in list(module.named_children()):
+                if name in lora_targets and isinstance(child, nn.Linear):
+                    setattr(module, name, LoRALinear(child, lora_r, lora_alpha, 0.0))
+                    n += 1
+        if n == 0:
+            raise InputError(f"lora_targets={list(lora_targets)} match no linear layer of the {rm.model_type} backbone "
+                             f"(expected names like {'c_attn, c_proj, c_fc' if rm.model_type == 'gpt2' else 'q_proj, v_proj'})")
+    elif train_mode != "head":
+        raise InputError(f"train_mode={train_mode!r}, expected 'head', 'last_k' or 'lora'")
+    return [p for p in rm.parameters() if p.requires_grad]
+
+
+def ensure_smol_reward_model(out_dir="out/smol-rm"):
+    """Train the smol world's reward model (config/smol_rm.py) unless out_dir holds a finished one."""
+    done = os.path.join(out_dir, "reward_train.json")
+    if os.path.isfile(done) and read_json(done).get("finished"):
+        return out_dir
+    root = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, os.path.join(root, "reward.py"), os.path.join(root, "config", "smol_rm.py"),
+                    f"--out_dir={os.path.abspath(out_dir)}"], cwd=root, check=True)
+    return out_dir
+
+# -----------------------------------------------------------------------------
+# Training: Bradley-Terry on preference pairs, held-out pairwise accuracy, nanoGPT style
+
+if __name__ == "__main__":
+    import math
+    import time
+    from contextlib import nullcontext
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tqdm import tqdm
+
+    # -----------------------------------------------------------------------------
+    # default config: the smol world's reward model (config/smol_rm.py; config/gpt2_hh_rm.py is the paper's)
+    # I/O
+    init_from = "data/smol/smol-llava-base"     # a reward model folder, a GPT-2 or Llama LM, or a llava folder
+    train_file = "data/smol/prefs_train.jsonl"  # HH-RLHF JSONL {"chosen", "rejected"}, .jsonl or .jsonl.gz
+    test_file = "data/smol/prefs_test.jsonl"    # held out: scored, never trained on
+    out_dir = "out/smol-rm"                     # the reward model folder, rewritten at every eval
+    # what trains: always the head; "last_k" also the last last_k_blocks blocks, "lora" also LoRA adapters
+    train_mode = "last_k"
+    last_k_blocks = 4
+    lora_r = 8
+    lora_alpha = 16
+    lora_targets = []                           # [] = attention projections (q/k/v/o_proj; GPT-2: c_attn, c_proj)
+    max_length = 0                              # tokens per transcript, prompt cut from the left; 0 = the context
+    # optimization
+    batch_size = 8                              # pairs per rank per micro step
+    gradient_accumulation_steps = 1
+    max_iters = 100
+    learning_rate = 1e-4
+    min_lr = 1e-5                               # cosine decay to min_lr at max_iters, after warmup_iters
+    warmup_iters = 5
+    weight_decay = 0.0
+    beta1 = 0.9
+    beta2 = 0.95
+    grad_clip = 1.0
+    # logging
+    eval_interval = 25
+    eval_batch_size = 16
+    log_interval = 5
+    # system
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    compile = False
+    seed = 1337
+    # -----------------------------------------------------------------------------
+    config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))]
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+    config = {k: globals()[k] for k in config_keys}
+
+    # DDP: the same script runs under python and torchrun; each rank takes its slice of every batch
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    torch.manual_seed(seed + rank)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    # float32 weights; on CUDA autocast runs the matmuls in bf16, the head stays float32
+    ctx = nullcontext() if device_type == "cpu" else torch.amp.autocast(device_type=device_type,
+                                                                         dtype=getattr(torch, dtype))
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    def fail(msg):
+        print(f"error: {msg}", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+
+    # -----------------------------------------------------------------------------
+    # data and model; the smol world's base model and preference pairs are built on first use
+    try:
+        smol_files = [f for f in (train_file, test_file) if f.startswith("data/smol/prefs_")]
+        if (init_from == "data/smol/smol-llava-base" or smol_files) and master:
+            from data.smol.prepare import prepare
+            prepare()
+            if not all(os.path.isfile(f) for f in smol_files):
+                from data.smol.build_preferences import build_preferences
+                build_preferences()
+        if ddp:
+            dist.barrier()
+        train_pairs = read_preference_jsonl(train_file, hh=True)
+        test_pairs = read_preference_jsonl(test_file, hh=True)
+        rm = RewardModel.from_pretrained(init_from, device=device, init_head=True)
+        if max_length:
+            rm.max_length = max_length
+        targets = lora_targets or (["c_attn", "c_proj"] if rm.model_type == "gpt2" else
+                                   ["q_proj", "k_proj", "v_proj", "o_proj"])
+        params = choose_trainable(rm, train_mode, last_k_blocks, lora_r, lora_alpha, targets)
+    except InputError as e:
+        fail(e)
+    # each pair as two token-id lists: (chosen transcript, rejected transcript)
+    train = [(rm.encode_hh(*split_hh(c)), rm.encode_hh(*split_hh(r))) for c, r in train_pairs]
+    test = [(rm.encode_hh(*split_hh(c)), rm.encode_hh(*split_hh(r))) for c, r in test_pairs]
+    global_batch = batch_size * gradient_accumulation_steps * world_size
+    if len(train) < global_batch:
+        fail(f"{train_file}: {len(train)} pairs, fewer than one batch of {global_batch} "
+             "(batch_size x gradient_accumulation_steps x ranks)")
+    n_trainable = sum(p.numel() for p in params)
+    print0(f"reward: {rm.model_type} backbone from {init_from}, training {train_mode} "
+           f"({n_trainable / 1e6:.2f}M of {sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters); "
+           f"{len(train)} train pairs, {len(test)} held-out; {max_iters} iters = "
+           f"{max_iters * global_batch / len(train):.1f} epochs")
+
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    model = torch.compile(rm) if compile else rm
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    pad_id = 0 if rm.pad_token_id is None else rm.pad_token_id
+
+    def get_lr(it):
+        """Linear warmup, then cosine decay to min_lr at max_iters."""
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        ratio = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+    def held_out():
+        """BT loss, pairwise accuracy and mean scores on the held-out pairs, each rank scoring its share."""
+        rm.eval()
+        mine = test[rank::world_size]
+        with ctx:
+            c = rm.score_tokens([p[0] for p in mine], eval_batch_size)
+            r = rm.score_tokens([p[1] for p in mine], eval_batch_size)
+        rm.train()
+        sums = torch.stack([-F.logsigmoid(c - r).sum(), (c > r).float().sum(), c.sum(), r.sum(),
+                            torch.tensor(float(len(mine)), device=c.device)])
+        if ddp:
+            dist.all_reduce(sums)
+        n = sums[4].item()
+        return {"loss": sums[0].item() / n, "accuracy": sums[1].item() / n,
+                "mean_chosen": sums[2].item() / n, "mean_rejected": sums[3].item() / n}
+
+    def batches():
+        """Endless global batches of pair indices: a fresh permutation each epoch, the same on every rank."""
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(len(train), generator=g).tolist()
+            for i in range(0, len(perm) - global_batch + 1, global_batch):
+                yield perm[i:i + global_batch]
+
+    # -----------------------------------------------------------------------------
+    # training loop
+    rm.train()
+    stream = batches()
+    t_start = time.time()
+    bar = tqdm(total=max_iters, desc="reward", disable=not master, dynamic_ncols=True)
+    log = bar.write if master else (lambda *a, **k: None)
+    for it in range(max_iters + 1):
+        if (it % eval_interval == 0 and it > 0) or it == max_iters:
+            stats = held_out()
+            log(f"iter {it}: held-out accuracy {stats['accuracy']:.2%}, BT loss {stats['loss']:.4f}, "
+                f"mean score chosen {stats['mean_chosen']:+.3f} rejected {stats['mean_rejected']:+.3f}")
+            if master:
+                record = {"iter": it, "max_iters": max_iters, "finished": it == max_iters, "held_out": stats,
+                          "train_seconds": round(time.time() - t_start, 1), "config": config}
+                rm.save_pretrained(out_dir, extra_files={"reward_train.json": record})
+        if it == max_iters:
+            break
+        t0 = time.time()
+        lr = get_lr(it)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next(stream)
+        for micro in range(gradient_accumulation_steps):
+            start = (micro * world_size + rank) * batch_size
+            mine = batch[start:start + batch_size]
+            ids, mask = right_pad([train[i][0] for i in mine] + [train[i][1] for i in mine], pad_id, device)
+            if ddp:  # average gradients across ranks only on the last micro step
+                model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+            with ctx:
+                scores = model(ids, mask)
+                loss, accuracy = bradley_terry_loss(scores[:len(mine)], scores[len(mine):])  # Eq. 4
+            (loss / gradient_accumulation_steps).backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if it % log_interval == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy.item():.2f}")
+            log(f"iter {it}: loss {loss.item():.4f}, batch accuracy {accuracy.item():.2f}, lr {lr:.2e}, "
+                f"{(time.time() - t0) * 1000:.0f} ms/iter")
+    bar.close()
+    print0(f"reward: trained in {time.time() - t_start:.0f}s; saved to {out_dir}")
+    if ddp:
+        dist.destroy_process_group()

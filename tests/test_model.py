@@ -192,6 +192,7 @@ def test_sampled_logprobs_equal_training_forward_logprobs(ckpt):
         full_mask = torch.cat([mask, torch.ones_like(toks)], 1)
         with torch.no_grad():
             logits = vlm(full, pixel_values=pv, image_layer=1, attention_mask=full_mask)
+        logits = logits.index_fill(-1, torch.tensor([tiny.IMAGE_TOKEN]), float("-inf"))  # as response_logits
         logits = logits[:, ids.shape[1] - 1:-1] / (temperature or 1.0)
         ref = torch.log_softmax(logits.float(), -1).gather(-1, toks[..., None])[..., 0]
         assert maxdiff(lps, ref) <= TOL
@@ -408,3 +409,20 @@ def test_peft_adapter_folder_loads_in_transformers_and_peft_with_the_same_logits
     base_vlm = VLM.from_pretrained(path)
     with torch.no_grad():
         assert maxdiff(base_vlm(ids, pixel_values=pv, image_layer=2), ours) > 1e-3  # the adapter really acts
+
+
+def test_the_image_placeholder_is_never_generated(ckpt):
+    """A sampled <image> id would be filled with image features in the next forward pass: it is suppressed."""
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    head = torch.nn.Linear(48, tiny.VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(vlm.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tiny.IMAGE_TOKEN] = 1e4  # without suppression every token would be <image>
+    vlm.lm_head = head
+    ids = torch.tensor(prompt_ids((4,)))
+    for temperature in (0.0, 1.0):
+        toks, lps = vlm.generate(ids, pixel_values=pixels(1), max_new_tokens=6, temperature=temperature,
+                                 return_logprobs=True, generator=torch.Generator().manual_seed(0))
+        assert (toks != tiny.IMAGE_TOKEN).all() and torch.isfinite(lps).all()

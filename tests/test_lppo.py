@@ -1,0 +1,199 @@
+"""lppo.py end to end on a tiny random world: determinism, resume, DDP, safety valves and bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+import tiny
+from lppo import ppo_update
+from model import VLM, add_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny llava policy, a tiny Llama reward model on the same tokenizer, prompts with images, a config."""
+    d = tmp_path_factory.mktemp("lppo_world")
+    tiny.make_tiny_llava(d / "policy")
+    tiny.make_tiny_tokenizer(d / "policy")
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(1)
+    rm = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=4, vocab_size=tiny.VOCAB, num_labels=1,
+                                                    pad_token_id=tiny.PAD_TOKEN, max_position_embeddings=512))
+    rm.save_pretrained(d / "rm")
+    tiny.make_tiny_tokenizer(d / "rm")
+    (d / "images").mkdir()
+    for i in range(4):
+        Image.new("RGB", (30 + i, 28), (40 * i, 90, 200 - 30 * i)).save(d / "images" / f"{i}.png")
+    for name, n in (("train", 12), ("test", 4)):
+        with open(d / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"prompt": f"w{5 + i} w{30 + i} w{60 + i}", "image": f"images/{i % 4}.png"}) + "\n")
+    cfg = d / "tiny_lppo.py"
+    cfg.write_text(f"""init_from = {str(d / 'policy')!r}
+reward_model = {str(d / 'rm')!r}
+prompt_file = {str(d / 'train.jsonl')!r}
+eval_harmful = {str(d / 'test.jsonl')!r}
+eval_benign = {str(d / 'test.jsonl')!r}
+image_layer = 2
+batch_size = 4
+minibatch_size = 4
+micro_batch_size = 2
+max_new_tokens = 6
+eval_max_new_tokens = 4
+ppo_epochs = 2
+learning_rate = 1e-2
+max_iters = 2
+eval_interval = 2
+checkpoint_interval = 1
+lora_targets = ["q_proj", "v_proj"]
+device = "cpu"
+dtype = "float32"
+""")
+    return d
+
+
+def run_lppo(world, out_dir, *args, nproc=1):
+    cmd = [sys.executable, str(ROOT / "lppo.py")] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "lppo.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd + [str(world / "tiny_lppo.py"), f"--out_dir={out_dir}", *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def trainable(out_dir):
+    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=False)
+
+
+def test_a_run_is_deterministic_under_a_seed_and_writes_its_outputs(world, tmp_path):
+    a, b = run_lppo(world, tmp_path / "a", "--max_iters=1"), run_lppo(world, tmp_path / "b", "--max_iters=1")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:]
+    ca, cb = trainable(tmp_path / "a"), trainable(tmp_path / "b")
+    assert ca["iter_num"] == 1 and set(ca["trainable"]) == set(cb["trainable"])
+    assert any("lora_B" in k for k in ca["trainable"]) and "value_head.weight" in ca["trainable"]
+    for k in ca["trainable"]:
+        assert torch.equal(ca["trainable"][k], cb["trainable"][k]), k
+    assert any(ca["trainable"][k].abs().sum() > 0 for k in ca["trainable"] if "lora_B" in k)  # it learned something
+    for f in ("adapter.safetensors", "peft/adapter_model.safetensors", "peft/adapter_config.json", "history.json"):
+        assert (tmp_path / "a" / f).is_file(), f
+    hist = json.loads((tmp_path / "a" / "history.json").read_text())["history"]
+    assert "refusal@2" in hist[0] and "over_refusal" in hist[0]  # the evaluation before training
+    for key in ("score", "kl", "rlhf_reward", "entropy", "clipfrac", "approx_kl", "vf_loss", "ratio", "resp_len",
+                "tok_per_s"):
+        assert key in hist[1], key
+
+
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(world, tmp_path):
+    full = run_lppo(world, tmp_path / "full", "--max_iters=2")
+    part = run_lppo(world, tmp_path / "part", "--max_iters=1")
+    rest = run_lppo(world, tmp_path / "part", "--max_iters=2", "--resume")
+    assert full.returncode == part.returncode == rest.returncode == 0, rest.stderr[-2000:]
+    assert "resumed from" in rest.stdout
+    cf, cp = trainable(tmp_path / "full"), trainable(tmp_path / "part")
+    assert cp["iter_num"] == 2
+    for k in cf["trainable"]:
+        assert torch.equal(cf["trainable"][k], cp["trainable"][k]), k
+    assert cf["kl_coef"] == cp["kl_coef"]
+
+
+def test_torchrun_with_two_ranks_runs_two_iterations(world, tmp_path):
+    p = run_lppo(world, tmp_path / "ddp", "--max_iters=2", nproc=2)
+    assert p.returncode == 0, (p.stdout[-1500:], p.stderr[-3000:])
+    assert "2 rank(s)" in p.stdout and trainable(tmp_path / "ddp")["iter_num"] == 2
+
+
+def test_exploding_kl_stops_the_run_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    # iteration 1 rolls out with fresh adapters (KL exactly 0); after its update, iteration 2's KL is positive
+    p = run_lppo(world, tmp_path / "kl", "--max_kl=0.0", "--kl_estimator=k3", "--learning_rate=0.5")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith("error: iteration 2: KL")
+    assert trainable(tmp_path / "kl")["iter_num"] == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--prompt_file=/nonexistent/prompts.jsonl", "/nonexistent/prompts.jsonl"),
+    ("--image_layer=9", "image layer 9 is out of range"),
+    ("--lerning_rate=1", "unknown config key 'lerning_rate'"),
+])
+def test_bad_input_is_one_clear_line(world, tmp_path, override, message):
+    p = run_lppo(world, tmp_path / "bad", override)
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, p.stderr[-1500:]
+
+
+def test_missing_image_and_empty_prompt_set_are_named(world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "w5", "image": "images/none.png"}) + "\n")
+    p = run_lppo(world, tmp_path / "o", f"--prompt_file={bad}", f"--image_root={world}")
+    assert p.returncode == 1 and "images/none.png not found" in p.stderr.strip().splitlines()[-1]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = run_lppo(world, tmp_path / "o", f"--prompt_file={empty}")
+    assert p.returncode == 1 and "empty.jsonl: 0 prompts" in p.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------- one update, one rank vs two
+
+def _update(rank, world_size, folder, port, result_file):
+    """One ppo_update on this rank's half of a fixed rollout (or on all of it with one rank)."""
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    vlm = VLM.from_pretrained(folder)
+    vlm.add_value_head()
+    add_lora(vlm, targets=("q_proj", "v_proj"), r=4, alpha=8)
+    with torch.no_grad():
+        for p in vlm.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in vlm.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(1)
+    B, T0, n = 8, 20, 5
+    ids = torch.randint(3, 100, (B, T0), generator=g)
+    ids[:, 2:18] = tiny.IMAGE_TOKEN
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, T0, dtype=torch.long),
+             "pixel_values": torch.randn(B, 3, 28, 28, generator=g)}
+    tokens = torch.randint(3, 100, (B, n), generator=g)
+    mask = torch.ones(B, n, dtype=torch.long)  # equal lengths: per-rank token means average to the global mean
+    old_lp, old_v = -torch.rand(B, n, generator=g) * 4, torch.randn(B, n, generator=g)
+    adv, ret = torch.randn(B, n, generator=g), torch.randn(B, n, generator=g)
+    layers = torch.tensor([1, 2, 3, 4] * 2)
+    rows = slice(rank * B // world_size, (rank + 1) * B // world_size)
+    local = B // world_size
+    opt = torch.optim.SGD(params, lr=1.0)
+    ppo_update(vlm, params, opt, {k: v[rows] for k, v in batch.items()}, tokens[rows], mask[rows], layers[rows],
+               old_lp[rows], old_v[rows], adv[rows], ret[rows], ppo_epochs=1, minibatch_size=local,
+               micro_batch_size=2, clip_eps=0.2, clip_eps_v=0.2, vf_coef=0.1, grad_clip=0.0, temperature=0.7,
+               seed=0, world_size=world_size)
+    if rank == 0:
+        torch.save({"before": before, "after": {n: p.detach() for n, p in vlm.named_parameters() if p.requires_grad}},
+                   result_file)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_one_update_with_two_ranks_equals_one_rank_on_the_same_data(tmp_path):
+    tiny.make_tiny_llava(tmp_path / "m")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_update, args=(2, str(tmp_path / "m"), port, str(tmp_path / "two.pt")), nprocs=2, join=True)
+    _update(0, 1, str(tmp_path / "m"), port, str(tmp_path / "one.pt"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for k in one["after"]:
+        assert torch.allclose(one["after"][k], two["after"][k], atol=1e-6), (k, (one["after"][k] - two["after"][k]).abs().max())
+    # the update really moved the weights: the comparison is not between two no-ops
+    assert max((one["after"][k] - one["before"][k]).abs().max() for k in one["after"]) > 1e-3

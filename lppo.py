@@ -300,6 +300,7 @@ if __name__ == "__main__":
     import json
     import os
     import random
+    import subprocess
     import sys
     import time
 
@@ -314,8 +315,9 @@ if __name__ == "__main__":
     # I/O
     init_from = "data/smol/smol-llava"          # llava checkpoint folder or hub id: the SFT policy and the reference
     reward_model = "out/smol-rm"                # reward.py checkpoint folder (GPT-2 or Llama backbone)
-    prompt_file = "data/smol/harmful_train.jsonl"   # JSONL {"image", "prompt"}; images relative to image_root
-    image_root = ""                             # "" = the prompt file's folder
+    # training prompts: JSONL files of {"image", "prompt"}, image paths relative to image_root ("" = each file's folder)
+    prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
+    image_root = ""
     eval_harmful = "data/smol/harmful_test.jsonl"   # held out: never trained on
     eval_benign = "data/smol/benign_test.jsonl"
     out_dir = "out/lppo-smol"
@@ -404,11 +406,11 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # model, reward model, data
     try:
-        if init_from == "data/smol/smol-llava" and not os.path.isdir(init_from):
-            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "smol"))
-            from build_sft import build_smol_llava  # the smol world's safety stage, run once
-            if master:
-                build_smol_llava()
+        here = os.path.dirname(os.path.abspath(__file__))
+        if init_from == "data/smol/smol-llava" and not os.path.isfile(os.path.join(init_from, "config.json")):
+            if master:  # the smol world's safety stage (sft.py), run once: a few minutes on a CPU
+                print("data/smol/smol-llava/ is missing: building it with python sft.py config/smol_sft.py")
+                subprocess.run([sys.executable, "sft.py", "config/smol_sft.py"], cwd=here, check=True)
             if ddp:
                 dist.barrier()
         from evaluate import is_refusal, read_prompt_jsonl
@@ -424,12 +426,13 @@ if __name__ == "__main__":
             if ddp:
                 dist.barrier()
         rm = RewardModel.from_pretrained(reward_model, device=device)
-        root = image_root or os.path.dirname(os.path.abspath(prompt_file))
-        train_rows = read_prompt_jsonl(prompt_file, root)
+        if isinstance(prompt_files, str):
+            prompt_files = [prompt_files]
+        train_rows = [row for path in prompt_files for row in read_prompt_jsonl(path, image_root)]
         eval_sets = {}
         for name, path in (("harmful", eval_harmful), ("benign", eval_benign)):
             if path:
-                rows = read_prompt_jsonl(path, image_root or os.path.dirname(os.path.abspath(path)))
+                rows = read_prompt_jsonl(path, image_root)
                 eval_sets[name] = rows[:eval_size] if eval_size else rows
         for r in [r for rows in [train_rows, *eval_sets.values()] for r in rows]:
             if r["image"] is None or not os.path.isfile(r["image"]):
@@ -437,7 +440,7 @@ if __name__ == "__main__":
     except (InputError, ValueError, FileNotFoundError) as e:
         fail(e)
     if len(train_rows) < batch_size:
-        fail(f"{prompt_file}: {len(train_rows)} prompts, expected at least batch_size={batch_size}")
+        fail(f"{', '.join(prompt_files)}: {len(train_rows)} prompts, expected at least batch_size={batch_size}")
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         fail(f"batch_size={batch_size} must be a multiple of minibatch_size={minibatch_size}, "
              f"itself a multiple of micro_batch_size={micro_batch_size}")

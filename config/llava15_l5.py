@@ -6,11 +6,13 @@
 #   hf download Ray2333/gpt2-large-harmless-reward_model --local-dir checkpoints/gpt2-large-harmless-rm
 #     (the GPT-2-large RM trained on HH-RLHF harmless that the paper most likely used; or train your own with
 #      python reward.py config/gpt2_hh_rm.py)
-#   JailBreakV-28K (RedTeam-2K prompts + benign images), converted to {"image", "prompt"} JSONL:
-#     python evaluate.py --convert_jailbreakv=data/JailBreakV_28K/RedTeam_2K.csv ... (see README)
+#   JailBreakV-28K (its RedTeam-2K prompts) and a folder of benign images, paired and written as JSONL by
+#     python evaluate.py --dataset=jailbreakv --data_path=JailBreakV_28K/RedTeam_2K/RedTeam_2K.csv \
+#         --pair_image_dir=<benign images> --prompts_only --out_dir=data/redteam2k
+#   then split data/redteam2k/prompts.jsonl into train.jsonl and test.jsonl.
 init_from = "llava-hf/llava-1.5-7b-hf"
 reward_model = "checkpoints/gpt2-large-harmless-rm"
-prompt_file = "data/redteam2k/train.jsonl"
+prompt_files = ["data/redteam2k/train.jsonl"]
 eval_harmful = "data/redteam2k/test.jsonl"
 eval_benign = ""
 out_dir = "out/lppo-llava15-l5"

@@ -43,7 +43,7 @@ def world(tmp_path_factory):
     cfg = d / "tiny_lppo.py"
     cfg.write_text(f"""init_from = {str(d / 'policy')!r}
 reward_model = {str(d / 'rm')!r}
-prompt_file = {str(d / 'train.jsonl')!r}
+prompt_files = [{str(d / 'train.jsonl')!r}]
 eval_harmful = {str(d / 'test.jsonl')!r}
 eval_benign = {str(d / 'test.jsonl')!r}
 image_layer = 2
@@ -122,7 +122,7 @@ def test_exploding_kl_stops_the_run_and_keeps_the_last_good_checkpoint(world, tm
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--prompt_file=/nonexistent/prompts.jsonl", "/nonexistent/prompts.jsonl"),
+    ("--prompt_files=['/nonexistent/prompts.jsonl']", "/nonexistent/prompts.jsonl"),
     ("--image_layer=9", "image layer 9 is out of range"),
     ("--lerning_rate=1", "unknown config key 'lerning_rate'"),
 ])
@@ -136,11 +136,11 @@ def test_bad_input_is_one_clear_line(world, tmp_path, override, message):
 def test_missing_image_and_empty_prompt_set_are_named(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "w5", "image": "images/none.png"}) + "\n")
-    p = run_lppo(world, tmp_path / "o", f"--prompt_file={bad}", f"--image_root={world}")
+    p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{bad}']", f"--image_root={world}")
     assert p.returncode == 1 and "images/none.png not found" in p.stderr.strip().splitlines()[-1]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    p = run_lppo(world, tmp_path / "o", f"--prompt_file={empty}")
+    p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{empty}']")
     assert p.returncode == 1 and "empty.jsonl: 0 prompts" in p.stderr.strip().splitlines()[-1]
 
 

@@ -1,0 +1,102 @@
+"""
+Builds the smol world's preference pairs for its reward model (reward.py, config/smol_rm.py), as HH-RLHF JSONL:
+
+    harmful prompt: chosen = a refusal from refusals.txt,       rejected = the base model's own answer
+    benign prompt:  chosen = the base model's own answer,       rejected = a refusal from refusals.txt
+
+so the reward model has to read the prompt: a refusal is right for one kind and wrong for the other.
+Answers are sampled from the base SmolLM2 (text only, through its chat template, no image) with a fixed seed,
+48 new tokens at most, as lppo.py's rollouts; an answer that itself refuses (evaluate.is_refusal) is drawn again.
+Writes prefs_train.jsonl (from *_train.jsonl) and prefs_test.jsonl (from *_test.jsonl, held out), both gitignored.
+Each line: {"chosen", "rejected", "kind": "harmful" | "benign"}.
+Run: python data/smol/build_preferences.py   (reward.py runs it when the files are missing; ~5 min on 2 cores)
+"""
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+here = Path(__file__).resolve().parent
+sys.path.insert(0, str(here.parents[1]))  # the repository root, for model.py and the stage scripts
+
+from evaluate import is_refusal  # noqa: E402  (the same refusal test the evaluation uses)
+from model import VLM, encode_batch, load_tokenizer  # noqa: E402
+from reward import format_hh  # noqa: E402
+
+max_new_tokens = 48
+temperature = 0.7
+top_p = 0.9
+batch_size = 32
+tries = 4  # draws per prompt before a prompt whose every answer refused is left out
+
+
+def read_prompts(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+
+def sample_answers(vlm, tok, prompts, generator):
+    """One sampled answer per prompt that is not a refusal (None where all `tries` draws refused)."""
+    answers = [None] * len(prompts)
+    for _ in range(tries):
+        todo = [i for i, a in enumerate(answers) if a is None]
+        for s in range(0, len(todo), batch_size):
+            rows = todo[s:s + batch_size]
+            batch = encode_batch(tok, vlm.config, [prompts[i] for i in rows], images=None)
+            tokens, _ = vlm.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id,
+                                     generator=generator)
+            for i, text in zip(rows, tok.batch_decode(tokens, skip_special_tokens=True)):
+                text = text.strip()
+                if text and not is_refusal(text):
+                    answers[i] = text
+    return answers
+
+
+def build_split(vlm, tok, split, refusals, seed):
+    """Preference records for one split: every harmful and every benign prompt with a usable answer."""
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    records = []
+    for kind in ("harmful", "benign"):
+        prompts = read_prompts(here / f"{kind}_{split}.jsonl")
+        answers = sample_answers(vlm, tok, prompts, generator)
+        dropped = sum(a is None for a in answers)
+        if dropped:
+            print(f"smol prefs: {dropped} of {len(prompts)} {kind} {split} prompts left out, "
+                  f"every one of {tries} answers refused")
+        for prompt, answer in zip(prompts, answers):
+            if answer is None:
+                continue
+            refusal = rng.choice(refusals)
+            good, bad = (refusal, answer) if kind == "harmful" else (answer, refusal)
+            records.append({"chosen": format_hh(prompt, good), "rejected": format_hh(prompt, bad), "kind": kind})
+    return records
+
+
+def build_preferences(out_dir=here, seed=0):
+    """Write prefs_train.jsonl and prefs_test.jsonl into out_dir (unless both exist); return their paths."""
+    from data.smol.prepare import prepare
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"prefs_{split}.jsonl" for split in ("train", "test")]
+    if all(p.exists() for p in paths):
+        return paths
+    t0 = time.time()
+    folder = prepare()
+    vlm, tok = VLM.from_pretrained(folder), load_tokenizer(folder)
+    refusals = [line.strip() for line in open(here / "refusals.txt", encoding="utf-8") if line.strip()]
+    for i, (split, path) in enumerate(zip(("train", "test"), paths)):
+        records = build_split(vlm, tok, split, refusals, seed + i)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, path)
+        print(f"smol prefs: wrote {path} ({len(records)} pairs) after {time.time() - t0:.0f}s")
+    return paths
+
+
+if __name__ == "__main__":
+    build_preferences()

@@ -1,0 +1,91 @@
+"""
+Builds data/smol/sft_train.jsonl, the smol world's safety SFT data (config/smol_sft.py trains on it with sft.py):
+
+    harmful TRAIN request + its image  ->  a refusal from refusals.txt (a seeded draw)
+    benign TRAIN request + its image   ->  the base model's own greedy answer, at the default image layer
+
+The benign half is self-distillation: the model learns to refuse harmful requests while its answers to everything
+else stay its own, so utility is kept. Those answers are generated once and kept in the JSONL; a finished file is
+reused. Only the TRAIN files are read: the test files stay held out.
+Run: python data/smol/build_sft.py   (~8 min on 2 CPU cores; builds the base checkpoint first if it is missing)
+"""
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+here = Path(__file__).resolve().parent
+sys.path.insert(0, str(here.parent.parent))  # the repository root: model.py, evaluate.py, data.smol.prepare
+
+from data.smol.prepare import prepare  # noqa: E402
+from evaluate import is_refusal  # noqa: E402
+from model import VLM, encode_batch, load_image, load_tokenizer  # noqa: E402
+
+base_dir = here / "smol-llava-base"
+out_path = here / "sft_train.jsonl"
+# SmolLM2-135M rambles and repeats itself; the first sentences of its answer are its answer
+max_new_tokens = 64
+batch_size = 16
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def first_sentences(text):
+    """`text` up to its last complete sentence, for an answer that ran out of tokens mid-sentence."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)|\n", text)]
+    return text[:ends[-1]].strip() if ends else text.strip()
+
+
+def greedy_answers(vlm, tok, rows):
+    """The model's greedy answer to each (prompt, image) row at the checkpoint's default image layer."""
+    answers = []
+    for i in tqdm(range(0, len(rows), batch_size), desc="base model answers", unit="batch"):
+        chunk = rows[i:i + batch_size]
+        batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], [load_image(here / r["image"]) for r in chunk])
+        tokens, _ = vlm.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
+        for row in tokens.tolist():
+            finished = tok.eos_token_id in row
+            text = tok.decode(row[:row.index(tok.eos_token_id)] if finished else row, skip_special_tokens=True)
+            answers.append(text.strip() if finished else first_sentences(text))
+    return answers
+
+
+def build_smol_sft(seed=0):
+    """Write sft_train.jsonl unless it exists; return its path."""
+    if out_path.exists():
+        print(f"smol sft: {out_path} is ready")
+        return out_path
+    prepare(base_dir)
+    torch.manual_seed(seed)
+    refusals = [line.strip() for line in open(here / "refusals.txt") if line.strip()]
+    harmful, benign = read_jsonl(here / "harmful_train.jsonl"), read_jsonl(here / "benign_train.jsonl")
+    rng = random.Random(seed)
+    examples = [{"image": r["image"], "prompt": r["prompt"], "response": rng.choice(refusals)} for r in harmful]
+    t0 = time.time()
+    vlm, tok = VLM.from_pretrained(base_dir), load_tokenizer(base_dir)
+    answers = greedy_answers(vlm, tok, benign)
+    # SmolLM2 refuses a few harmless requests ("I'm sorry for any misunderstanding, but as a chatbot ..."):
+    # distilling those would teach over-refusal, so they are left out
+    own = [(r, a) for r, a in zip(benign, answers) if not is_refusal(a)]
+    examples += [{"image": r["image"], "prompt": r["prompt"], "response": a} for r, a in own]
+    tmp = out_path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in examples)
+    os.replace(tmp, out_path)
+    print(f"smol sft: wrote {out_path} ({len(harmful)} refusals, {len(own)} own answers; "
+          f"{len(benign) - len(own)} benign requests the base model refused left out) in {time.time() - t0:.0f}s")
+    return out_path
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
+    build_smol_sft()

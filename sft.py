@@ -1,0 +1,372 @@
+"""
+Supervised fine-tuning (SFT) of the VLM's language model with LoRA, on (image, prompt, response) examples.
+
+The projector is fed the CLIP hidden state of `image_layer` (None: the checkpoint's default, an int, or a list
+with one layer drawn per example), so the same script makes the aligned smol default model (safety SFT at the
+default layer) and the layer-wise SFT baseline the paper is compared against (SFT at an early layer l).
+The loss is the next-token cross-entropy of the response tokens and the EOS after them; the prompt, the image
+tokens and the padding are masked out (label -100).
+
+    python sft.py config/smol_sft.py                               # one process
+    torchrun --standalone --nproc_per_node=8 sft.py config/llava15_sft_l5.py
+    python sft.py config/smol_sft.py --resume                      # continue from out_dir/ckpt.pt
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from model import (VLM, InputError, add_lora, encode_prompt, load_image, load_tokenizer, lora_state_dict,
+                   merge_lora, preprocess_image, resolve_checkpoint, save_lora)
+
+IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
+
+# -----------------------------------------------------------------------------
+# Data: JSONL rows -> token ids and labels -> padded batches
+
+
+def read_sft_jsonl(paths):
+    """Rows {"image", "prompt", "response", "where"} of one JSONL file, or several separated by commas.
+
+    An image path is relative to its JSONL file's folder. Every problem is an InputError naming file and line.
+    """
+    rows = []
+    for path in [p.strip() for p in paths.split(",") if p.strip()]:
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: data file not found")
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{where}: expected an object {{\"image\", \"prompt\", \"response\"}}, "
+                                     f"got a JSON {type(row).__name__}")
+                for key in ("image", "prompt", "response"):
+                    if not isinstance(row.get(key), str):
+                        got = "missing" if key not in row else f"{row[key]!r}"
+                        raise InputError(f"{where}: field {key!r} is {got}, expected a string")
+                image = os.path.join(os.path.dirname(path), row["image"])
+                if not os.path.isfile(image):
+                    raise InputError(f"{where}: image file {image} not found")
+                rows.append({"image": image, "prompt": row["prompt"], "response": row["response"], "where": where})
+    if not rows:
+        raise InputError(f"{paths}: no examples; expected JSON lines {{\"image\": ..., \"prompt\": ..., \"response\": ...}}")
+    return rows
+
+
+def build_example(tok, cfg, prompt, response, max_len):
+    """(input_ids, labels, n_cut): the prompt with its image tokens, then the response and EOS, labelled.
+
+    A sequence longer than max_len loses the first n_cut tokens of the prompt's text (the request's end,
+    usually the question, is kept); the image tokens are never cut: if they do not fit, InputError.
+    """
+    target = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids, n_cut = encode_prompt(tok, cfg, prompt), 0
+    while len(ids) + len(target) > max_len:
+        text = tok(prompt, add_special_tokens=False)["input_ids"]
+        if not text:
+            raise InputError(f"the image tokens, chat template and response need {len(ids) + len(target)} tokens, "
+                             f"more than the context length {max_len}, even with the whole prompt cut")
+        over = min(len(ids) + len(target) - max_len, len(text))
+        prompt, n_cut = tok.decode(text[over:]), n_cut + over
+        ids = encode_prompt(tok, cfg, prompt)
+    return ids + target, [IGNORE_INDEX] * len(ids) + target, n_cut
+
+
+def tokenize_examples(rows, tok, cfg, max_len):
+    """build_example for every row; says once how many prompts were cut to fit max_len."""
+    examples, n_cut = [], 0
+    for row in rows:
+        try:
+            ids, labels, cut = build_example(tok, cfg, row["prompt"], row["response"], max_len)
+        except InputError as e:
+            raise InputError(f"{row['where']}: {e}") from None
+        examples.append({"input_ids": ids, "labels": labels, "image": row["image"]})
+        n_cut += cut > 0
+    if n_cut:
+        print(f"note: {n_cut} of {len(rows)} prompts are longer than the context length {max_len}; "
+              "their text was cut from the left (image tokens and responses are kept whole)")
+    return examples
+
+
+def collate(examples, pad_id):
+    """Right-pad examples into (B, T) input_ids, labels (-100 on padding) and attention_mask."""
+    T = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return input_ids, labels, mask
+
+
+def count_targets(examples):
+    """How many tokens of these examples carry a label (response tokens and EOS)."""
+    return sum(len(e["labels"]) - e["labels"].count(IGNORE_INDEX) for e in examples)
+
+
+def sft_loss(logits, labels, n_target):
+    """Summed next-token cross-entropy of the labelled tokens, divided by n_target (labelled tokens in the step)."""
+    # logits at position t predict token t+1
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / n_target
+
+
+# -----------------------------------------------------------------------------
+# Randomness derived from (seed, step): a resumed run draws exactly what the uninterrupted run drew
+
+def seed_for(*key):
+    """A seed determined by `key` alone, so the same key gives the same random numbers in every run."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+
+
+def batch_indices(n, step, size, seed):
+    """Dataset indices of optimizer step `step`: the next `size` entries of a stream of per-epoch shuffles."""
+    perms, out = {}, []
+    for pos in range(step * size, (step + 1) * size):
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for("data", seed, epoch)))
+        out.append(int(perms[epoch][pos % n]))
+    return out
+
+
+def draw_layers(image_layer, size, seed, step):
+    """One image layer per example: image_layer itself, or uniform draws from it when it is a list."""
+    if not isinstance(image_layer, (list, tuple)):
+        return [image_layer] * size
+    g = torch.Generator().manual_seed(seed_for("layer", seed, step))
+    return [image_layer[int(i)] for i in torch.randint(len(image_layer), (size,), generator=g)]
+
+
+def get_lr(it, lr, warmup_iters, decay_iters, min_lr):
+    """Linear warmup, then cosine decay from lr to min_lr at decay_iters (nanoGPT's schedule)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# default config values: SFT of the smol base model; config/*.py and --key=value override them
+
+init_from = "data/smol/smol-llava-base"  # llava checkpoint folder (or a hub id such as llava-hf/llava-1.5-7b-hf)
+data = "data/smol/sft_train.jsonl"  # JSONL of {"image", "prompt", "response"}; several files: comma-separated
+val_data = ""  # optional held-out JSONL of the same form: its loss is printed at every eval
+image_layer = None  # CLIP layer fed to the projector: None (the checkpoint's default), an int, or a list to draw from
+# LoRA on the language model (the vision tower and projector stay frozen)
+lora_r = 16
+lora_alpha = 32
+lora_dropout = 0.0
+lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# optimization: AdamW, warmup then cosine decay
+batch_size = 4  # examples per micro-batch per process
+gradient_accumulation_steps = 1
+learning_rate = 2e-4
+min_lr = 2e-5
+max_iters = 200
+warmup_iters = 10
+lr_decay_iters = 0  # 0: max_iters (fix it to --resume a run into a longer one on the same schedule)
+weight_decay = 0.0
+grad_clip = 1.0  # 0: no clipping
+# I/O
+out_dir = "out/sft"
+eval_interval = 100  # checkpoint (and val loss) every this many iterations, and at the end
+log_interval = 10
+resume = False  # continue from out_dir/ckpt.pt
+merge_at_end = False  # fold the adapters into the weights and write a full llava checkpoint folder
+merged_dir = ""  # where merge_at_end writes it; "": out_dir/merged
+# system
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+compile = False
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and k != "IGNORE_INDEX"
+               and isinstance(v, (int, float, bool, str, list, type(None))) and not isinstance(v, type(sys))]
+# resuming with any of these changed would not continue the same run
+RESUME_MUST_MATCH = ("init_from", "data", "image_layer", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                     "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr", "warmup_iters",
+                     "lr_decay_iters", "weight_decay", "grad_clip", "seed")
+
+
+def copy_tokenizer_files(src, dst):
+    """Everything in checkpoint folder src but weights and config.json: tokenizer, chat template, processor config."""
+    for name in sorted(os.listdir(src)):
+        if os.path.isfile(os.path.join(src, name)) and not name.startswith(("model", "config.json", ".")):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def main():
+    from torch.distributed import destroy_process_group, init_process_group
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tqdm import tqdm
+
+    config = {k: globals()[k] for k in config_keys}
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        dev = f"cuda:{local_rank}" if device.startswith("cuda") else device
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(dev)
+    else:
+        rank, local_rank, world_size, dev = 0, 0, 1, device
+    master = rank == 0
+    device_type = "cuda" if dev.startswith("cuda") else "cpu"
+    if dtype not in ("float32", "bfloat16"):
+        raise InputError(f"dtype={dtype!r}; expected 'float32' or 'bfloat16' (float16 would need loss scaling)")
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    # frozen weights in ptdtype, LoRA weights in float32, matmuls in ptdtype under autocast on CUDA
+    ctx = nullcontext() if device_type == "cpu" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if data == "data/smol/sft_train.jsonl" and not os.path.isfile(data):  # the smol world's data, built on first use
+        if master:
+            from data.smol.build_sft import build_smol_sft
+            build_smol_sft()
+        if ddp:
+            torch.distributed.barrier()
+    rows = read_sft_jsonl(data)
+    val_rows = read_sft_jsonl(val_data) if val_data else []
+    path = resolve_checkpoint(init_from)
+    tok = load_tokenizer(path)
+    vlm = VLM.from_pretrained(path, device=dev, dtype=ptdtype)
+    cfg = vlm.config
+    for layer in image_layer if isinstance(image_layer, (list, tuple)) else [image_layer]:
+        vlm.image_layer_index(layer)  # an out-of-range layer fails here, not after the first step
+    train = tokenize_examples(rows, tok, cfg, cfg.text.max_position_embeddings)
+    val = tokenize_examples(val_rows, tok, cfg, cfg.text.max_position_embeddings)
+    torch.manual_seed(seed)  # the same LoRA initialisation in every process
+    add_lora(vlm, lora_targets, lora_r, lora_alpha, lora_dropout)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), weight_decay=weight_decay)
+
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    iter_num = 0
+    if resume:
+        if not os.path.isfile(ckpt_path):
+            raise InputError(f"{ckpt_path}: no checkpoint to resume from (run once without --resume)")
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        for k in RESUME_MUST_MATCH:
+            if ckpt["config"].get(k) != config[k]:
+                raise InputError(f"{ckpt_path}: {k} was {ckpt['config'].get(k)!r}, now {config[k]!r}; "
+                                 "--resume needs the same value (or a new out_dir)")
+        own = vlm.state_dict()
+        for k, v in ckpt["adapter"].items():
+            own[k].copy_(v)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num = ckpt["iter_num"]
+        if master:
+            print(f"resuming from {ckpt_path} at iteration {iter_num}")
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        n_lora = sum(p.numel() for p in params)
+        print(f"{len(train)} examples, {n_lora / 1e6:.2f}M LoRA parameters, "
+              f"{batch_size * gradient_accumulation_steps * world_size} examples per step")
+
+    model = torch.compile(vlm) if compile else vlm
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    def forward_loss(net, examples, layers, n_target):
+        input_ids, labels, mask = collate(examples, cfg.pad_token_id)
+        pixels = torch.stack([preprocess_image(load_image(e["image"]), cfg.vision.image_size) for e in examples])
+        with ctx:
+            logits = net(input_ids.to(dev), pixels.to(dev), layers, mask.to(dev))
+            return sft_loss(logits, labels.to(dev), n_target), int(mask.sum())
+
+    @torch.no_grad()
+    def val_loss():
+        vlm.eval()
+        n_target = count_targets(val)
+        total = 0.0
+        for i in range(0, len(val), batch_size):
+            chunk = val[i:i + batch_size]
+            total += forward_loss(vlm, chunk, draw_layers(image_layer, len(chunk), seed, ("val", i)), n_target)[0].item()
+        vlm.train()
+        return total
+
+    def save_checkpoint(it):
+        save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))  # what the later stages load (--adapter=...)
+        ckpt = {"adapter": {k: v.cpu() for k, v in lora_state_dict(vlm).items()},
+                "optimizer": optimizer.state_dict(), "iter_num": it, "config": config}
+        torch.save(ckpt, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
+
+    step_size = batch_size * gradient_accumulation_steps  # examples per process per step
+    decay_iters = lr_decay_iters or max_iters
+    vlm.train()
+    t0, tokens = time.time(), 0
+    pbar = tqdm(range(iter_num, max_iters), initial=iter_num, total=max_iters, desc="sft", disable=not master)
+    for it in pbar:
+        lr = get_lr(it, learning_rate, warmup_iters, decay_iters, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(seed_for("dropout", seed, rank, it))  # LoRA dropout masks, the same on resume
+        # this process's share of the step's global batch, and the image layer of each example
+        mine = slice(rank * step_size, (rank + 1) * step_size)
+        idx = batch_indices(len(train), it, step_size * world_size, seed)[mine]
+        layers = draw_layers(image_layer, step_size * world_size, seed, it)[mine]
+        n_target = count_targets([train[i] for i in idx])  # the loss is a mean over all of the step's targets
+        loss_sum = 0.0
+        for micro in range(gradient_accumulation_steps):
+            s = slice(micro * batch_size, (micro + 1) * batch_size)
+            if ddp:  # all-reduce the gradients once, after the last micro-batch
+                model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+            loss, n_tok = forward_loss(model, [train[i] for i in idx[s]], layers[s], n_target)
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += n_tok * world_size
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters):
+            tok_s = tokens / (time.time() - t0)
+            pbar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:.0f}")
+            tqdm.write(f"iter {it + 1}: loss {loss_sum:.4f}, lr {lr:.2e}, {tok_s:.0f} tokens/s")
+            t0, tokens = time.time(), 0
+        if master and ((it + 1) % eval_interval == 0 or it + 1 == max_iters):
+            if val:
+                tqdm.write(f"iter {it + 1}: val loss {val_loss():.4f}")
+            save_checkpoint(it + 1)
+            tqdm.write(f"iter {it + 1}: saved {ckpt_path} and adapter.safetensors")
+    pbar.close()
+
+    if master and merge_at_end:
+        target = merged_dir or os.path.join(out_dir, "merged")
+        merge_lora(vlm)
+        vlm.save_pretrained(target)
+        copy_tokenizer_files(path, target)
+        print(f"merged the adapters into {target} (a llava checkpoint folder with {init_from}'s tokenizer)")
+    if ddp:
+        destroy_process_group()
+
+
+if __name__ == "__main__":
+    exec(open("configurator.py").read())
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,193 @@
+"""sft.py: labels mask everything but the response, a tiny VLM memorises its data, image layers reach the
+vision tower, --resume continues the same run, and bad data fails with one line naming file and line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sft
+import tiny
+from model import VLM, InputError, encode_batch, load_image, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = [("w10 w11 w12", "w40 w41 w42 w43"), ("w13 w14", "w50 w51"),
+            ("w15 w16 w17 w18", "w60 w61 w62"), ("w19", "w70 w71 w72 w73 w74")]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random llava checkpoint with tokenizer, four images and an SFT JSONL that uses them."""
+    root = tmp_path_factory.mktemp("sft")
+    ckpt = root / "tiny"
+    tiny.make_tiny_llava(ckpt)
+    tiny.make_tiny_tokenizer(ckpt)
+    (root / "images").mkdir()
+    g = torch.Generator().manual_seed(0)
+    with open(root / "train.jsonl", "w") as f:
+        for i, (prompt, response) in enumerate(EXAMPLES):
+            pixels = (torch.rand(28, 28, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+            f.write(json.dumps({"image": f"images/{i}.png", "prompt": prompt, "response": response}) + "\n")
+    return root
+
+
+def use_config(monkeypatch, **overrides):
+    """Set sft.py's config globals, as configurator.py would, for an in-process main()."""
+    settings = dict(batch_size=4, learning_rate=1e-2, min_lr=1e-2, warmup_iters=0, max_iters=1, eval_interval=1000,
+                    log_interval=1000, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"], device="cpu", dtype="float32")
+    for k, v in {**settings, **overrides}.items():
+        assert k in sft.config_keys, k
+        monkeypatch.setattr(sft, k, v)
+
+
+def test_labels_are_the_response_and_eos_only(world):
+    tok = load_tokenizer(world / "tiny")
+    cfg = VLM.from_pretrained(world / "tiny").config
+    ids, labels, n_cut = sft.build_example(tok, cfg, "w5 w6", "w7 w8", max_len=256)
+    prompt = [1, 100] + [tiny.IMAGE_TOKEN] * cfg.image_seq_length + [5, 6, 101]  # <s> USER: <image> w5 w6 ASSISTANT:
+    assert ids == prompt + [7, 8, 2]  # the response, then EOS </s>
+    assert labels == [-100] * len(prompt) + [7, 8, 2]
+    assert n_cut == 0
+
+
+def test_loss_counts_only_labelled_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 7, -100, -100, -100]])
+    expected = -(torch.log_softmax(logits[0, 1], -1)[3] + torch.log_softmax(logits[0, 2], -1)[4]
+                 + torch.log_softmax(logits[1, 0], -1)[7]) / 3
+    assert torch.allclose(sft.sft_loss(logits, labels, 3), expected)
+    masked = logits.clone()
+    masked[0, 3:] = 100.0  # positions whose next token is unlabelled, and the last position, do not count
+    masked[1, 1:] = -100.0
+    assert torch.allclose(sft.sft_loss(masked, labels, 3), expected)
+
+
+def test_collate_pads_on_the_right_with_ignored_labels():
+    examples = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 7], "labels": [-100, 7]}]
+    input_ids, labels, mask = sft.collate(examples, pad_id=121)
+    assert input_ids.tolist() == [[1, 5, 6], [1, 7, 121]]
+    assert labels.tolist() == [[-100, 5, 6], [-100, 7, -100]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_long_prompt_is_cut_from_the_left_never_the_image(world, capsys):
+    tok = load_tokenizer(world / "tiny")
+    cfg = VLM.from_pretrained(world / "tiny").config
+    n_image = cfg.image_seq_length
+    ids, labels, n_cut = sft.build_example(tok, cfg, "w5 w6 w9 w10", "w7 w8", max_len=n_image + 9)
+    assert n_cut == 1 and ids[-7:] == [6, 9, 10, 101, 7, 8, 2] and ids.count(tiny.IMAGE_TOKEN) == n_image
+    rows = [{"prompt": "w5 w6 w9 w10", "response": "w7 w8", "image": "a.png", "where": "x.jsonl:1"}] * 2
+    sft.tokenize_examples(rows, tok, cfg, n_image + 9)
+    assert capsys.readouterr().out.count("cut from the left") == 1
+    with pytest.raises(InputError, match=r"x.jsonl:1: the image tokens, chat template and response need 22 tokens"):
+        sft.tokenize_examples(rows, tok, cfg, n_image + 4)
+
+
+def test_data_order_and_layers_depend_only_on_seed_and_step():
+    epoch = sft.batch_indices(10, 0, 10, seed=1)
+    assert sorted(epoch) == list(range(10))  # one step of size n is one epoch: every example once
+    stream = sum((sft.batch_indices(10, s, 3, seed=1) for s in range(10)), [])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert sft.batch_indices(10, 7, 3, seed=1) == stream[21:24]
+    assert sft.batch_indices(10, 0, 10, seed=2) != epoch
+    layers = sft.draw_layers([1, 3, 5], 64, seed=1, step=4)
+    assert set(layers) == {1, 3, 5} and layers == sft.draw_layers([1, 3, 5], 64, seed=1, step=4)
+    assert sft.draw_layers(None, 3, seed=1, step=0) == [None, None, None]
+
+
+def test_tiny_vlm_memorises_its_examples(world, tmp_path, monkeypatch):
+    use_config(monkeypatch, init_from=str(world / "tiny"), data=str(world / "train.jsonl"), max_iters=60,
+               out_dir=str(tmp_path / "out"), merge_at_end=True, merged_dir=str(tmp_path / "merged"))
+    sft.main()
+    vlm = VLM.from_pretrained(tmp_path / "merged")
+    tok = load_tokenizer(tmp_path / "merged")
+    images = [load_image(world / "images" / f"{i}.png") for i in range(len(EXAMPLES))]
+    batch = encode_batch(tok, vlm.config, [p for p, _ in EXAMPLES], images)
+    tokens, _ = vlm.generate(**batch, max_new_tokens=8, eos_token_id=tok.eos_token_id)
+    replies = [tok.decode(row, skip_special_tokens=True) for row in tokens]
+    assert replies == [r for _, r in EXAMPLES]
+
+
+def test_each_example_reaches_the_vision_tower_at_its_drawn_layer(world, tmp_path, monkeypatch):
+    seen = []
+    original = VLM.vision_features
+
+    def spy(self, pixel_values, layer=None):
+        seen.append([self.image_layer_index(l) for l in layer])
+        return original(self, pixel_values, layer)
+    monkeypatch.setattr(VLM, "vision_features", spy)
+    use_config(monkeypatch, init_from=str(world / "tiny"), data=str(world / "train.jsonl"), max_iters=3,
+               image_layer=[1, 3, -1], batch_size=2, gradient_accumulation_steps=2, out_dir=str(tmp_path))
+    sft.main()
+    drawn = [sft.draw_layers([1, 3, -1], 4, sft.seed, step) for step in range(3)]
+    assert seen == [[l % 5 for l in d[m:m + 2]] for d in drawn for m in (0, 2)]  # -1 is layer 4 of 4
+    assert len({l for d in drawn for l in d}) > 1
+
+
+def test_resume_refuses_a_changed_run(world, tmp_path, monkeypatch):
+    use_config(monkeypatch, init_from=str(world / "tiny"), data=str(world / "train.jsonl"), out_dir=str(tmp_path))
+    sft.main()
+    use_config(monkeypatch, resume=True, seed=2)
+    with pytest.raises(InputError, match="ckpt.pt: seed was 1337, now 2; --resume needs the same value"):
+        sft.main()
+    use_config(monkeypatch, resume=True, out_dir=str(tmp_path / "empty"))
+    with pytest.raises(InputError, match="empty/ckpt.pt: no checkpoint to resume from"):
+        sft.main()
+
+
+def run_sft(*args):
+    p = subprocess.run([sys.executable, "sft.py", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_resume_continues_exactly_the_uninterrupted_run(world, tmp_path):
+    config = tmp_path / "tiny_sft.py"
+    config.write_text(f"init_from = {str(world / 'tiny')!r}\ndata = {str(world / 'train.jsonl')!r}\n"
+                      "image_layer = [1, 2, 3]\nbatch_size = 1\ngradient_accumulation_steps = 2\n"
+                      "lora_dropout = 0.1\nlearning_rate = 1e-2\nwarmup_iters = 2\nlr_decay_iters = 6\n"
+                      "eval_interval = 2\nlog_interval = 1\ndevice = 'cpu'\ndtype = 'float32'\n")
+    rc, out, err = run_sft(config, f"--out_dir={tmp_path / 'whole'}", "--max_iters=6")
+    assert rc == 0, err
+    assert "iter 6: loss" in out and "tokens/s" in out
+    rc, _, err = run_sft(config, f"--out_dir={tmp_path / 'parts'}", "--max_iters=3")
+    assert rc == 0, err
+    rc, out, err = run_sft(config, f"--out_dir={tmp_path / 'parts'}", "--max_iters=6", "--resume")
+    assert rc == 0, err
+    assert "resuming from" in out and "at iteration 3" in out
+    whole, parts = (load_file(tmp_path / d / "adapter.safetensors") for d in ("whole", "parts"))
+    assert whole.keys() == parts.keys() and len(whole) > 0
+    for k in whole:
+        assert torch.equal(whole[k], parts[k]), k
+
+
+def test_bad_data_is_one_line_naming_file_and_line(world, tmp_path):
+    def write(name, *lines):
+        (tmp_path / name).write_text("".join(l + "\n" for l in lines))
+        return str(tmp_path / name)
+    good = json.dumps({"image": str(world / "images" / "0.png"), "prompt": "w5", "response": "w6"})
+    cases = [
+        (write("a.jsonl", good, "{not json"), r"a.jsonl:2: not valid JSON \(Expecting property name"),
+        (write("b.jsonl", good, '{"image": "x.png", "prompt": 5, "response": "w6"}'),
+         r"b.jsonl:2: field 'prompt' is 5, expected a string"),
+        (write("c.jsonl", json.dumps({"image": str(world / "images" / "0.png"), "prompt": "w5"})),
+         r"c.jsonl:1: field 'response' is missing, expected a string"),
+        (write("d.jsonl", json.dumps({"image": "nope.png", "prompt": "w5", "response": "w6"})),
+         r"d.jsonl:1: image file .*nope.png not found"),
+        (write("e.jsonl", "", "  "), r"e.jsonl: no examples"),
+        (write("f.jsonl", "[1, 2]"), r"f.jsonl:1: expected an object"),
+        (str(tmp_path / "missing.jsonl"), r"missing.jsonl: data file not found"),
+    ]
+    for path, message in cases:
+        with pytest.raises(InputError, match=message):
+            sft.read_sft_jsonl(path)
+    rc, out, err = run_sft(f"--init_from={world / 'tiny'}", f"--data={cases[0][0]}", f"--out_dir={tmp_path}")
+    assert rc == 1 and err.strip().splitlines() == [f"error: {cases[0][0]}:2: not valid JSON (Expecting property "
+                                                    "name enclosed in double quotes at column 2)"]

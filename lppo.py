@@ -324,18 +324,18 @@ if __name__ == "__main__":
     resume = False
     save_merged = False                         # also write a merged llava-hf checkpoint at the end
     # L-PPO: the image-encoder layer whose features the policy sees (an int, or a list: one drawn per rollout)
-    image_layer = 5
+    image_layer = 2
     # rollout
     batch_size = 16                             # rollouts per rank per iteration
-    max_new_tokens = 48
+    max_new_tokens = 32
     temperature = 0.7
     top_p = 1.0
     missing_eos_penalty = 1.0                   # subtracted from the score of a response that never ends
     # PPO
     ppo_epochs = 2
     minibatch_size = 8                          # rollouts per optimizer step
-    micro_batch_size = 4                        # rollouts per forward/backward
-    learning_rate = 1e-4
+    micro_batch_size = 8                        # rollouts per forward/backward
+    learning_rate = 2e-4
     weight_decay = 0.0
     grad_clip = 1.0
     gamma = 1.0
@@ -356,11 +356,11 @@ if __name__ == "__main__":
     lora_dropout = 0.0                          # dropout would make old and new logprobs disagree
     lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     # schedule
-    max_iters = 20
-    eval_interval = 5
+    max_iters = 16
+    eval_interval = 8
     eval_max_new_tokens = 32
-    eval_size = 0                               # prompts per eval set; 0 = all
-    checkpoint_interval = 5
+    eval_size = 24                              # prompts per eval set; 0 = all
+    checkpoint_interval = 4
     # system
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"

@@ -515,7 +515,8 @@ if __name__ == "__main__":
 
     def evaluate_now():
         result = {}
-        for layer in sorted(set(layers) | {default_layer}, key=lambda l: vlm.image_layer_index(l)):
+        by_index = {vlm.image_layer_index(l): l for l in [*layers, default_layer]}  # -2 and 11 are one layer
+        for layer in (by_index[i] for i in sorted(by_index)):
             if "harmful" in eval_sets:
                 resp = respond(eval_sets["harmful"], layer, eval_max_new_tokens)
                 result[f"refusal@{layer}"] = float(np.mean([is_refusal(r) for r in resp]))

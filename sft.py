@@ -63,7 +63,8 @@ def read_sft_jsonl(paths):
                     raise InputError(f"{where}: image file {image} not found")
                 rows.append({"image": image, "prompt": row["prompt"], "response": row["response"], "where": where})
     if not rows:
-        raise InputError(f"{paths}: no examples; expected JSON lines {{\"image\": ..., \"prompt\": ..., \"response\": ...}}")
+        raise InputError(f"{paths}: no examples; expected JSON lines "
+                         "{\"image\": ..., \"prompt\": ..., \"response\": ...}")
     return rows
 
 
@@ -302,7 +303,8 @@ def main():
         total = 0.0
         for i in range(0, len(val), batch_size):
             chunk = val[i:i + batch_size]
-            total += forward_loss(vlm, chunk, draw_layers(image_layer, len(chunk), seed, ("val", i)), n_target)[0].item()
+            layers = draw_layers(image_layer, len(chunk), seed, ("val", i))  # the same draws at every eval
+            total += forward_loss(vlm, chunk, layers, n_target)[0].item()
         vlm.train()
         return total
 

@@ -6,11 +6,15 @@ init_from = "data/smol/smol-llava-base"
 train_file = "data/smol/prefs_train.jsonl"
 test_file = "data/smol/prefs_test.jsonl"
 out_dir = "out/smol-rm"
-train_mode = "last_k"
-last_k_blocks = 4
+# whether a refusal is right depends on the prompt, and 222 pairs teach that only if every layer may adapt:
+# the head alone (a linear probe) or the last 4 blocks fit the training pairs but stop near 85% held out
+train_mode = "lora"
+lora_r = 16
+lora_alpha = 32
+lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 batch_size = 8
-max_iters = 100
-learning_rate = 1e-4
-min_lr = 1e-5
+max_iters = 140           # 5 epochs
+learning_rate = 5e-4
+min_lr = 5e-5
 warmup_iters = 5
-eval_interval = 25
+eval_interval = 35

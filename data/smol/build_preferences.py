@@ -9,7 +9,8 @@ Answers are sampled from the base SmolLM2 (text only, through its chat template,
 48 new tokens at most, as lppo.py's rollouts; an answer that itself refuses (evaluate.is_refusal) is drawn again.
 Writes prefs_train.jsonl (from *_train.jsonl) and prefs_test.jsonl (from *_test.jsonl, held out), both gitignored.
 Each line: {"chosen", "rejected", "kind": "harmful" | "benign"}.
-Run: python data/smol/build_preferences.py   (reward.py runs it when the files are missing; ~5 min on 2 cores)
+Run: python data/smol/build_preferences.py   (reward.py runs it when the files are missing; 27 min on 2 busy CPU
+cores, 20 of them CPU time: generation is the slow part)
 """
 import json
 import os

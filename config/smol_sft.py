@@ -1,22 +1,24 @@
 # The smol world's safety stage: LoRA SFT of smol-llava-base at its default image layer (-2) on refusals of the
-# harmful TRAIN requests and the base model's own answers to the benign ones (data/smol/build_sft.py), merged into
-# data/smol/smol-llava/, the aligned model every later smol stage starts from (lppo.py, evaluate.py, extract.py).
-# Run: python sft.py config/smol_sft.py   (the data is built on first use)
+# harmful TRAIN requests and the base model's own answers to the benign ones, each shown with 3 images
+# (data/smol/build_sft.py), merged into data/smol/smol-llava/, the aligned model every later smol stage starts from.
+# Run: python sft.py config/smol_sft.py   (~6 min on 2 free CPU cores; the data is built on first use, ~10 min)
+# Measured (data/smol/measure_sft.py, held-out prompts, greedy): 90% of harmful requests refused, 25% of benign ones
+# over-refused. A low rank generalized best of the settings tried (r=16 for 150 steps: 90% / 29%).
 init_from = "data/smol/smol-llava-base"
 data = "data/smol/sft_train.jsonl"
 out_dir = "out/smol-sft"
 image_layer = None  # the checkpoint's default, -2: only this layer is aligned, which is what ICET exploits
 
-lora_r = 16
-lora_alpha = 32
+lora_r = 4
+lora_alpha = 8
 lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 batch_size = 8
-learning_rate = 3e-4
-min_lr = 3e-5
-max_iters = 150
+learning_rate = 5e-4
+min_lr = 5e-5
+max_iters = 100  # ~1.2 epochs of 651 examples
 warmup_iters = 10
-eval_interval = 50
+eval_interval = 25
 log_interval = 10
 
 merge_at_end = True

@@ -32,6 +32,8 @@ out_path = here / "sft_train.jsonl"
 # SmolLM2-135M rambles and repeats itself; the first sentences of its answer are its answer
 max_new_tokens = 64
 batch_size = 16
+# the smol world's images mean nothing: each request is shown with several, so that refusing cannot hinge on the image
+images_per_request = 3
 
 
 def read_jsonl(path):
@@ -50,7 +52,8 @@ def greedy_answers(vlm, tok, rows):
     answers = []
     for i in tqdm(range(0, len(rows), batch_size), desc="base model answers", unit="batch"):
         chunk = rows[i:i + batch_size]
-        batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], [load_image(here / r["image"]) for r in chunk])
+        images = [load_image(here / r["image"]) for r in chunk]
+        batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], images)
         tokens, _ = vlm.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
         for row in tokens.tolist():
             finished = tok.eos_token_id in row
@@ -65,27 +68,32 @@ def build_smol_sft(seed=0):
         print(f"smol sft: {out_path} is ready")
         return out_path
     prepare(base_dir)
-    torch.manual_seed(seed)
     refusals = [line.strip() for line in open(here / "refusals.txt") if line.strip()]
     harmful, benign = read_jsonl(here / "harmful_train.jsonl"), read_jsonl(here / "benign_train.jsonl")
     rng = random.Random(seed)
-    examples = [{"image": r["image"], "prompt": r["prompt"], "response": rng.choice(refusals)} for r in harmful]
+    images = sorted(f"images/{p.name}" for p in (here / "images").glob("*.png"))
+
+    def with_images(row):
+        """The request's own image and images_per_request - 1 others."""
+        return [row["image"]] + rng.sample([im for im in images if im != row["image"]], images_per_request - 1)
     t0 = time.time()
     vlm, tok = VLM.from_pretrained(base_dir), load_tokenizer(base_dir)
     answers = greedy_answers(vlm, tok, benign)
     # SmolLM2 refuses a few harmless requests ("I'm sorry for any misunderstanding, but as a chatbot ..."):
     # distilling those would teach over-refusal, so they are left out
     own = [(r, a) for r, a in zip(benign, answers) if not is_refusal(a)]
-    examples += [{"image": r["image"], "prompt": r["prompt"], "response": a} for r, a in own]
+    examples = [{"image": im, "prompt": r["prompt"], "response": rng.choice(refusals)}
+                for r in harmful for im in with_images(r)]
+    examples += [{"image": im, "prompt": r["prompt"], "response": a} for r, a in own for im in with_images(r)]
     tmp = out_path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in examples)
     os.replace(tmp, out_path)
-    print(f"smol sft: wrote {out_path} ({len(harmful)} refusals, {len(own)} own answers; "
+    print(f"smol sft: wrote {out_path} ({len(harmful)} refused and {len(own)} answered requests, "
+          f"each with {images_per_request} images; "
           f"{len(benign) - len(own)} benign requests the base model refused left out) in {time.time() - t0:.0f}s")
     return out_path
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(os.cpu_count() or 1)
     build_smol_sft()

@@ -45,7 +45,8 @@ def respond(vlm, tok, rows, layer, temperature, generator):
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], [load_image(here / r["image"]) for r in chunk])
+        images = [load_image(here / r["image"]) for r in chunk]
+        batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], images)
         tokens, _ = vlm.generate(**batch, image_layer=layer, max_new_tokens=max_new_tokens, temperature=temperature,
                                  eos_token_id=tok.eos_token_id, generator=generator)
         for row in tokens.tolist():
@@ -55,13 +56,12 @@ def respond(vlm, tok, rows, layer, temperature, generator):
 
 
 def main():
-    torch.set_num_threads(os.cpu_count() or 1)
     os.makedirs(out_dir, exist_ok=True)
     name = Path(model).name
     vlm, tok = VLM.from_pretrained(model), load_tokenizer(model)
     L, default = vlm.config.vision.num_hidden_layers, vlm.image_layer_index(None)
     harmful, benign = read_jsonl(here / "harmful_test.jsonl"), read_jsonl(here / "benign_test.jsonl")
-    runs = [("harmful", harmful, default, t) for t in temperatures] + [("benign", benign, default, t) for t in temperatures]
+    runs = [(split, rows, default, t) for split, rows in (("harmful", harmful), ("benign", benign)) for t in temperatures]
     runs += [("harmful", harmful, l, t) for t in sweep_temperatures for l in range(L + 1) if l != default]
     records, summary, t0 = [], [], time.time()
     for split, rows, layer, temperature in runs:
@@ -78,6 +78,9 @@ def main():
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"model": model, "judge": KEYWORD_JUDGE, "max_new_tokens": max_new_tokens, "default_layer": default,
                    "num_layers": L, "results": summary}, f, indent=2)
+    for split in ("harmful", "benign"):  # a few greedy responses at the default layer
+        for r in [r for r in records if r["split"] == split and r["layer"] == default and r["temperature"] == 0][:3]:
+            print(f"[{split}] {r['prompt']}\n    -> {r['response'][:200]!r}")
     print(f"wrote {out_dir}/{name}.jsonl and {name}.json in {time.time() - t0:.0f}s")
 
 

@@ -6,7 +6,8 @@ Configuration, nanoGPT style. A stage script sets its defaults as plain globals,
 which reads sys.argv: an argument without '=' is a config file (plain Python assignments) to execute,
 `--key=value` overrides one default. Values are parsed with ast.literal_eval (a bare word stays a string),
 must have the default's type (an int may stand for a float, None may be replaced by anything), and
-unknown keys are refused with the list of known ones. `--resume` alone means `--resume=True`.
+unknown keys are refused with the list of known ones. Names in UPPER_CASE are the script's constants, not
+config keys. `--resume` alone means `--resume=True`.
 """
 import ast as _ast
 import os as _os
@@ -18,8 +19,8 @@ def _config_error(msg):
 
 
 def _check(_key, _value, _where):
-    if _key not in globals() or _key.startswith("_"):
-        _known = sorted(k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, dict, type(None))) and not callable(v))
+    if _key not in globals() or _key.startswith("_") or _key.isupper():
+        _known = sorted(k for k, v in globals().items() if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, list, tuple, dict, type(None))) and not callable(v))
         _config_error(f"{_where}: unknown config key {_key!r}; known keys: {', '.join(_known)}")
     _default = globals()[_key]
     if _default is None or _value is None:

@@ -367,7 +367,8 @@ if __name__ == "__main__":
     compile = False
     seed = 1337
     # -----------------------------------------------------------------------------
-    config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))]
+    config_keys = [k for k, v in globals().items()
+                   if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, list))]
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     config = {k: globals()[k] for k in config_keys}
 

@@ -856,15 +856,24 @@ def atomic_save_safetensors(tensors, path, metadata=None):
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_dir(tmp, path):
-    """Move the finished folder `tmp` to `path`; an older `path` is moved aside first, then deleted."""
+    """Move the finished folder `tmp` to `path`; an older `path` is moved aside first, then deleted.
+    mkdtemp made `tmp` 0700; it gets the mode a plain mkdir would have given it."""
     import shutil
+    os.chmod(tmp, 0o777 & ~_umask())
     old = None
     if os.path.exists(path):
         old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".old-")

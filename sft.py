@@ -200,7 +200,7 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 compile = False
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and k != "IGNORE_INDEX"
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None))) and not isinstance(v, type(sys))]
 # resuming with any of these changed would not continue the same run
 RESUME_MUST_MATCH = ("init_from", "data", "image_layer", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",

@@ -12,6 +12,7 @@ learning_rate = 1e-5
 image_layer = 5
 init_from = "smol"
 compile = False
+HUMAN = "Human:"
 exec(open({configurator!r}).read())
 print("RESULT", batch_size, learning_rate, image_layer, init_from, compile)
 """
@@ -45,3 +46,8 @@ def test_wrong_type_and_missing_file_are_one_line_errors(tmp_path):
     (tmp_path / "bad.py").write_text("learning_rat = 1.0\n")
     rc, _, err = run(tmp_path, "bad.py")
     assert rc == 1 and "bad.py: unknown config key 'learning_rat'" in err
+
+
+def test_upper_case_constants_are_not_config_keys(tmp_path):
+    rc, _, err = run(tmp_path, "--HUMAN=User:")
+    assert rc == 1 and "unknown config key 'HUMAN'" in err and "HUMAN" not in err.split("known keys:")[1]

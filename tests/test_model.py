@@ -430,3 +430,19 @@ def test_the_image_placeholder_is_never_generated(ckpt):
         toks, lps = vlm.generate(ids, pixel_values=pixels(1), max_new_tokens=6, temperature=temperature,
                                  return_logprobs=True, generator=torch.Generator().manual_seed(0))
         assert (toks != tiny.IMAGE_TOKEN).all() and torch.isfinite(lps).all()
+
+
+def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Checkpoints are written to a temp file and renamed; the temp file's private 0600 mode must not leak."""
+    import stat
+    from model import atomic_save_safetensors, replace_dir
+    mask = os.umask(0o022)
+    try:
+        atomic_save_safetensors({"w": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
+        folder = tmp_path / "tmpdir"
+        folder.mkdir(mode=0o700)
+        replace_dir(str(folder), str(tmp_path / "done"))
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "done").st_mode) == 0o755

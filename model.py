@@ -620,10 +620,13 @@ class VLM(nn.Module):
         logits = self.lm_head(hidden)
         return logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
 
-    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False):
-        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D)."""
+    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
+                logits_at=None):
+        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
+        With `logits_at`, a (B, T) bool mask, only the logits at those positions, (N, V): training needs them only
+        where a label follows, and the vocabulary head over every image and prompt position is costly."""
         hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])
         return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()

@@ -122,11 +122,19 @@ def count_targets(examples):
     return sum(len(e["labels"]) - e["labels"].count(IGNORE_INDEX) for e in examples)
 
 
-def sft_loss(logits, labels, n_target):
-    """Summed next-token cross-entropy of the labelled tokens, divided by n_target (labelled tokens in the step)."""
+def target_positions(labels):
+    """(B, T) bool: the positions whose next token is labelled; the loss needs the logits there and nowhere else."""
     # logits at position t predict token t+1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum") / n_target
+    return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+
+
+def sft_loss(logits, labels, n_target):
+    """Summed next-token cross-entropy of the labelled tokens, divided by n_target (labelled tokens in the step).
+    `logits` is (B, T, V), or (N, V) when the model computed them at target_positions(labels) only."""
+    at = target_positions(labels)
+    if logits.dim() == 3:
+        logits = logits[at]
+    return F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="sum") / n_target
 
 
 # -----------------------------------------------------------------------------
@@ -293,8 +301,9 @@ def main():
         input_ids, labels, mask = collate(examples, cfg.pad_token_id)
         pixels = torch.stack([preprocess_image(load_image(e["image"]), cfg.vision.image_size) for e in examples])
         with ctx:
-            logits = net(input_ids.to(dev), pixels.to(dev), layers, mask.to(dev))
-            return sft_loss(logits, labels.to(dev), n_target), int(mask.sum())
+            labels = labels.to(dev)
+            logits = net(input_ids.to(dev), pixels.to(dev), layers, mask.to(dev), logits_at=target_positions(labels))
+            return sft_loss(logits, labels, n_target), int(mask.sum())
 
     @torch.no_grad()
     def val_loss():

@@ -446,3 +446,14 @@ def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "done").st_mode) == 0o755
+
+
+def test_logits_at_selected_positions_equal_the_full_logits_there(ckpt):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    ids, pv = torch.tensor(prompt_ids((4,)) * 2), pixels(2)
+    at = torch.zeros(ids.shape, dtype=torch.bool)
+    at[0, -3:], at[1, -1] = True, True
+    with torch.no_grad():
+        full, some = vlm(ids, pixel_values=pv), vlm(ids, pixel_values=pv, logits_at=at)
+    assert some.shape == (4, full.shape[-1]) and maxdiff(some, full[at]) == 0

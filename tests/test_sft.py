@@ -68,6 +68,10 @@ def test_loss_counts_only_labelled_tokens():
     masked[0, 3:] = 100.0  # positions whose next token is unlabelled, and the last position, do not count
     masked[1, 1:] = -100.0
     assert torch.allclose(sft.sft_loss(masked, labels, 3), expected)
+    # the same loss from the logits at the target positions only, as the training step computes them
+    at = sft.target_positions(labels)
+    assert at.tolist() == [[False, True, True, False, False], [True, False, False, False, False]]
+    assert torch.allclose(sft.sft_loss(logits[at], labels, 3), expected)
 
 
 def test_collate_pads_on_the_right_with_ignored_labels():

@@ -33,6 +33,9 @@ temperature = 0.7
 top_p = 0.9
 batch_size = 32
 tries = 4  # draws per prompt before a prompt whose every answer refused is left out
+# two answers per training prompt: the reward model sees more than one compliance and one answer per prompt;
+# the held-out split keeps one pair per prompt
+samples_per_prompt = {"train": 2, "test": 1}
 
 
 def read_prompts(path):
@@ -58,45 +61,47 @@ def sample_answers(vlm, tok, prompts, generator):
     return answers
 
 
-def build_split(vlm, tok, split, refusals, seed):
-    """Preference records for one split: every harmful and every benign prompt with a usable answer."""
+def build_split(vlm, tok, split, refusals, seed, samples):
+    """Preference records for one split: `samples` pairs for every harmful and benign prompt with usable answers."""
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     records = []
-    for kind in ("harmful", "benign"):
-        prompts = read_prompts(here / f"{kind}_{split}.jsonl")
-        answers = sample_answers(vlm, tok, prompts, generator)
-        dropped = sum(a is None for a in answers)
-        if dropped:
-            print(f"smol prefs: {dropped} of {len(prompts)} {kind} {split} prompts left out, "
-                  f"every one of {tries} answers refused")
-        for prompt, answer in zip(prompts, answers):
-            if answer is None:
-                continue
-            refusal = rng.choice(refusals)
-            good, bad = (refusal, answer) if kind == "harmful" else (answer, refusal)
-            records.append({"chosen": format_hh(prompt, good), "rejected": format_hh(prompt, bad), "kind": kind})
+    for _ in range(samples):  # each pass draws a fresh answer and a fresh refusal for every prompt
+        for kind in ("harmful", "benign"):
+            prompts = read_prompts(here / f"{kind}_{split}.jsonl")
+            answers = sample_answers(vlm, tok, prompts, generator)
+            dropped = sum(a is None for a in answers)
+            if dropped:
+                print(f"smol prefs: {dropped} of {len(prompts)} {kind} {split} prompts left out of a pass, "
+                      f"every one of {tries} answers refused")
+            for prompt, answer in zip(prompts, answers):
+                if answer is None:
+                    continue
+                refusal = rng.choice(refusals)
+                good, bad = (refusal, answer) if kind == "harmful" else (answer, refusal)
+                records.append({"chosen": format_hh(prompt, good), "rejected": format_hh(prompt, bad), "kind": kind})
     return records
 
 
 def build_preferences(out_dir=here, seed=0):
-    """Write prefs_train.jsonl and prefs_test.jsonl into out_dir (unless both exist); return their paths."""
+    """Write prefs_train.jsonl and prefs_test.jsonl into out_dir (each unless it exists); return their paths."""
     from data.smol.prepare import prepare
     out_dir = Path(out_dir)
-    paths = [out_dir / f"prefs_{split}.jsonl" for split in ("train", "test")]
-    if all(p.exists() for p in paths):
-        return paths
+    paths = {split: out_dir / f"prefs_{split}.jsonl" for split in ("train", "test")}
+    todo = [split for split, path in paths.items() if not path.exists()]
+    if not todo:
+        return list(paths.values())
     t0 = time.time()
     folder = prepare()
     vlm, tok = VLM.from_pretrained(folder), load_tokenizer(folder)
     refusals = [line.strip() for line in open(here / "refusals.txt", encoding="utf-8") if line.strip()]
-    for i, (split, path) in enumerate(zip(("train", "test"), paths)):
-        records = build_split(vlm, tok, split, refusals, seed + i)
-        tmp = path.with_name(path.name + ".tmp")
+    for split in todo:
+        records = build_split(vlm, tok, split, refusals, seed + (split == "test"), samples_per_prompt[split])
+        tmp = paths[split].with_name(paths[split].name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, path)
-        print(f"smol prefs: wrote {path} ({len(records)} pairs) after {time.time() - t0:.0f}s")
-    return paths
+        os.replace(tmp, paths[split])
+        print(f"smol prefs: wrote {paths[split]} ({len(records)} pairs) after {time.time() - t0:.0f}s")
+    return list(paths.values())
 
 
 if __name__ == "__main__":

@@ -315,8 +315,9 @@ if __name__ == "__main__":
     # I/O
     init_from = "data/smol/smol-llava"          # llava checkpoint folder or hub id: the SFT policy and the reference
     reward_model = "out/smol-rm"                # reward.py checkpoint folder (GPT-2 or Llama backbone)
-    # training prompts: JSONL files of {"image", "prompt"}, image paths relative to image_root ("" = each file's folder)
-    prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
+    # training prompts: JSONL files of {"image", "prompt"}, image paths relative to image_root ("" = each file's folder);
+    # rows are drawn uniformly from all files together, so a file listed twice is drawn twice as often
+    prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
     image_root = ""
     eval_harmful = "data/smol/harmful_test.jsonl"   # held out: never trained on
     eval_benign = "data/smol/benign_test.jsonl"
@@ -335,7 +336,7 @@ if __name__ == "__main__":
     ppo_epochs = 2
     minibatch_size = 8                          # rollouts per optimizer step
     micro_batch_size = 8                        # rollouts per forward/backward
-    learning_rate = 2e-4
+    learning_rate = 5e-4
     weight_decay = 0.0
     grad_clip = 1.0
     gamma = 1.0
@@ -343,7 +344,7 @@ if __name__ == "__main__":
     clip_eps = 0.2
     clip_eps_v = 0.2
     vf_coef = 0.1
-    kl_coef = 0.05
+    kl_coef = 0.1
     kl_estimator = "k1"
     adaptive_kl = False
     kl_target = 6.0
@@ -356,10 +357,10 @@ if __name__ == "__main__":
     lora_dropout = 0.0                          # dropout would make old and new logprobs disagree
     lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     # schedule
-    max_iters = 16
+    max_iters = 24
     eval_interval = 8
     eval_max_new_tokens = 32
-    eval_size = 24                              # prompts per eval set; 0 = all
+    eval_size = 0                               # prompts per eval set; 0 = all
     checkpoint_interval = 4
     # system
     device = "cuda" if torch.cuda.is_available() else "cpu"

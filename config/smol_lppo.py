@@ -1,11 +1,15 @@
 # L-PPO on the smol world: what `python lppo.py` runs with no config (these are lppo.py's defaults, spelled out).
-# The trained layer: the ICET sweep of smol-llava (greedy, 50 held-out harmful requests; data/smol/measure_sft.py)
-# found refusal rates of 76-88% at every layer 0..12, with no early-exit collapse (its vision tower is untrained,
-# so no layer's image tokens carry meaning). Layer 2 is the early layer where it refused least (78%), so L-PPO
-# trains there; the default layer (-2 = 11, 80%) and benign over-refusal are watched at every eval.
+# The trained layer: the ICET sweep of smol-llava (python evaluate.py config/smol_eval.py: greedy, the 50 held-out
+# harmful requests, refusal keywords) found keyword ASR of 8-16% at every layer 0..12, with no early-exit collapse
+# (its vision tower is untrained, and a random ViT's early layers stay close to its late ones: see extract.py).
+# Layer 2 is where it was worst (16% ASR, lowest RM score 2.77), so L-PPO trains there; the default layer
+# (-2 = 11, 10% ASR) and benign over-refusal are watched at every eval, on the full held-out sets.
 init_from = "data/smol/smol-llava"
 reward_model = "out/smol-rm"
-prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
+# harmful requests drawn twice as often as benign ones (62% of rollouts): with the two at their natural 45/55 mix,
+# L-PPO traded harmful refusals for helpfulness (84% -> 76% refused at layer 2, over-refusal 21% -> 15%); with
+# harmful requests only, the paper's setting, it learned to refuse everything (100% refused, 73% over-refused)
+prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
 eval_harmful = "data/smol/harmful_test.jsonl"
 eval_benign = "data/smol/benign_test.jsonl"
 out_dir = "out/lppo-smol"
@@ -18,12 +22,12 @@ temperature = 0.7
 ppo_epochs = 2
 minibatch_size = 8
 micro_batch_size = 8
-learning_rate = 2e-4
-kl_coef = 0.05
+learning_rate = 5e-4
+kl_coef = 0.1
 lora_r = 8
 lora_alpha = 16
 
-max_iters = 16
+max_iters = 24
 eval_interval = 8
-eval_size = 24
+eval_size = 0
 checkpoint_interval = 4

@@ -1,9 +1,10 @@
 # The smol world's safety stage: LoRA SFT of smol-llava-base at its default image layer (-2) on refusals of the
 # harmful TRAIN requests and the base model's own answers to the benign ones, each shown with 3 images
 # (data/smol/build_sft.py), merged into data/smol/smol-llava/, the aligned model every later smol stage starts from.
-# Run: python sft.py config/smol_sft.py   (~6 min on 2 free CPU cores; the data is built on first use, ~10 min)
-# Measured (data/smol/measure_sft.py, held-out prompts, greedy): 90% of harmful requests refused, 25% of benign ones
-# over-refused. A low rank generalized best of the settings tried (r=16 for 150 steps: 90% / 29%).
+# Run: python sft.py config/smol_sft.py   (530 s on 2 free CPU cores, including the data, built on first use in 80 s)
+# Measured (python data/smol/measure_sft.py, the held-out prompts, default layer): 90% of harmful requests refused
+# greedy (84% at T=0.7); 21% of benign ones over-refused (21% at T=0.7). Before it SmolLM2 refused 22% / 8%.
+# A low rank generalized best of the settings tried on the earlier, smaller data (r=16, 150 steps: 90% / 29%).
 init_from = "data/smol/smol-llava-base"
 data = "data/smol/sft_train.jsonl"
 out_dir = "out/smol-sft"

@@ -158,3 +158,25 @@ def test_every_refusal_contains_a_standard_refusal_phrase():
     # (no GCG keyword) refused 90% of held-out harmful requests and was scored as refusing 54%
     from evaluate import is_refusal
     assert [r for r in refusals if not is_refusal(r)] == []
+
+
+def test_benign_answers_that_are_refusals_are_sampled_again_and_dropped_if_every_try_refuses(monkeypatch):
+    """build_sft distils the base model's answers to benign requests: a greedy refusal is replaced by the first
+    sampled non-refusal, and a request refused on every try is left out (None), never taught as a refusal."""
+    import data.smol.build_sft as build_sft
+    rows = [{"prompt": p} for p in ("soup", "kill time", "steal the show")]
+    calls = []
+
+    def fake_answers(vlm, tok, chunk, temperature=0.0, generator=None, desc=""):
+        calls.append(([r["prompt"] for r in chunk], temperature))
+        if temperature == 0.0:
+            return ["Boil water.", "I'm sorry, but I can't help with that.", "I cannot help with that."]
+        # the first resample answers "kill time"; "steal the show" is refused every time
+        return ["Read a book." if r["prompt"] == "kill time" and len(calls) == 2 else "As an AI, I cannot."
+                for r in chunk]
+    monkeypatch.setattr(build_sft, "model_answers", fake_answers)
+    monkeypatch.setattr(build_sft, "resample_tries", 3)
+    answers = build_sft.answers_without_refusals(None, None, rows, seed=0)
+    assert answers == ["Boil water.", "Read a book.", None]
+    assert calls == [(["soup", "kill time", "steal the show"], 0.0), (["kill time", "steal the show"], 0.7),
+                     (["steal the show"], 0.7), (["steal the show"], 0.7)]

@@ -2,12 +2,14 @@
 Builds data/smol/sft_train.jsonl, the smol world's safety SFT data (config/smol_sft.py trains on it with sft.py):
 
     harmful TRAIN request + its image  ->  a refusal from refusals.txt (a seeded draw)
-    benign TRAIN request + its image   ->  the base model's own greedy answer, at the default image layer
+    benign TRAIN request + its image   ->  the base model's own answer, at the default image layer
 
 The benign half is self-distillation: the model learns to refuse harmful requests while its answers to everything
-else stay its own, so utility is kept. Those answers are generated once and kept in the JSONL; a finished file is
+else stay its own, so utility is kept. The answer is the greedy one; where that is a refusal (SmolLM2 turns down a
+few harmless requests, mostly the ones that only sound risky), it is sampled again at temperature 0.7 until it is
+not, so that exactly the requests most easily over-refused are taught as answered. Those answers are generated once and kept in the JSONL; a finished file is
 reused. Only the TRAIN files are read: the test files stay held out.
-Run: python data/smol/build_sft.py   (~8 min on 2 CPU cores; builds the base checkpoint first if it is missing)
+Run: python data/smol/build_sft.py   (103 s on 2 CPU cores; builds the base checkpoint first if it is missing)
 """
 import json
 import os
@@ -34,6 +36,9 @@ max_new_tokens = 64
 batch_size = 16
 # the smol world's images mean nothing: each request is shown with several, so that refusing cannot hinge on the image
 images_per_request = 3
+# a benign request the base model refuses greedily is sampled again up to this many times, at this temperature
+resample_tries = 8
+resample_temperature = 0.7
 
 
 def read_jsonl(path):
@@ -47,14 +52,15 @@ def first_sentences(text):
     return text[:ends[-1]].strip() if ends else text.strip()
 
 
-def greedy_answers(vlm, tok, rows):
-    """The model's greedy answer to each (prompt, image) row at the checkpoint's default image layer."""
+def model_answers(vlm, tok, rows, temperature=0.0, generator=None, desc="base model answers"):
+    """The model's answer to each (prompt, image) row at the checkpoint's default image layer (greedy at T=0)."""
     answers = []
-    for i in tqdm(range(0, len(rows), batch_size), desc="base model answers", unit="batch"):
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         chunk = rows[i:i + batch_size]
         images = [load_image(here / r["image"]) for r in chunk]
         batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], images)
-        tokens, _ = vlm.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
+        tokens, _ = vlm.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                 temperature=temperature, generator=generator)
         for row in tokens.tolist():
             finished = tok.eos_token_id in row
             text = tok.decode(row[:row.index(tok.eos_token_id)] if finished else row, skip_special_tokens=True)
@@ -62,7 +68,23 @@ def greedy_answers(vlm, tok, rows):
     return answers
 
 
-def build_smol_sft(seed=0):
+def answers_without_refusals(vlm, tok, rows, seed):
+    """The greedy answer to each row, sampled again (seeded) where it is a refusal; None where every try refused."""
+    answers = model_answers(vlm, tok, rows)
+    generator = torch.Generator().manual_seed(seed)
+    for attempt in range(resample_tries):
+        refused = [i for i, a in enumerate(answers) if is_refusal(a)]
+        if not refused:
+            break
+        again = model_answers(vlm, tok, [rows[i] for i in refused], resample_temperature, generator,
+                              desc=f"resampling {len(refused)} refusals ({attempt + 1}/{resample_tries})")
+        for i, a in zip(refused, again):
+            if not is_refusal(a):
+                answers[i] = a
+    return [None if is_refusal(a) else a for a in answers]
+
+
+def build_smol_sft(seed=0, out_path=out_path):
     """Write sft_train.jsonl unless it exists; return its path."""
     if out_path.exists():
         print(f"smol sft: {out_path} is ready")
@@ -78,10 +100,10 @@ def build_smol_sft(seed=0):
         return [row["image"]] + rng.sample([im for im in images if im != row["image"]], images_per_request - 1)
     t0 = time.time()
     vlm, tok = VLM.from_pretrained(base_dir), load_tokenizer(base_dir)
-    answers = greedy_answers(vlm, tok, benign)
     # SmolLM2 refuses a few harmless requests ("I'm sorry for any misunderstanding, but as a chatbot ..."):
-    # distilling those would teach over-refusal, so they are left out
-    own = [(r, a) for r, a in zip(benign, answers) if not is_refusal(a)]
+    # distilling those would teach over-refusal, so they are sampled again, and left out if every try refuses
+    answers = answers_without_refusals(vlm, tok, benign, seed)
+    own = [(r, a) for r, a in zip(benign, answers) if a is not None]
     examples = [{"image": im, "prompt": r["prompt"], "response": rng.choice(refusals)}
                 for r in harmful for im in with_images(r)]
     examples += [{"image": im, "prompt": r["prompt"], "response": a} for r, a in own for im in with_images(r)]
@@ -91,9 +113,9 @@ def build_smol_sft(seed=0):
     os.replace(tmp, out_path)
     print(f"smol sft: wrote {out_path} ({len(harmful)} refused and {len(own)} answered requests, "
           f"each with {images_per_request} images; "
-          f"{len(benign) - len(own)} benign requests the base model refused left out) in {time.time() - t0:.0f}s")
+          f"{len(benign) - len(own)} benign requests the base model refused {resample_tries + 1} times left out) in {time.time() - t0:.0f}s")
     return out_path
 
 
 if __name__ == "__main__":
-    build_smol_sft()
+    build_smol_sft(out_path=Path(sys.argv[1]) if len(sys.argv) > 1 else out_path)

@@ -1,9 +1,11 @@
 # L-PPO on the smol world: what `python lppo.py` runs with no config (these are lppo.py's defaults, spelled out).
-# The trained layer: the ICET sweep of smol-llava (python evaluate.py config/smol_eval.py: greedy, the 50 held-out
-# harmful requests, refusal keywords) found keyword ASR of 8-16% at every layer 0..12, with no early-exit collapse
-# (its vision tower is untrained, and a random ViT's early layers stay close to its late ones: see extract.py).
-# Layer 2 is where it was worst (16% ASR, lowest RM score 2.77), so L-PPO trains there; the default layer
-# (-2 = 11, 10% ASR) and benign over-refusal are watched at every eval, on the full held-out sets.
+# The trained layer and the settings below were chosen on the earlier safety-stage model (170 SFT iterations), whose
+# ICET sweep (python evaluate.py config/smol_eval.py: greedy, the 50 held-out harmful requests, refusal keywords)
+# found keyword ASR of 8-16% at every layer 0..12 and was worst at layer 2 (16%). There, this config took layer 2
+# from 84% to 90% refused, the default layer from 90% to 88%, and over-refusal from 21% to 19%.
+# The current smol-llava (340 SFT iterations) has 8-10% ASR at every layer, and no weak layer for L-PPO to repair:
+# from it this config ends refusing 98% at layer 2, 100% at the default, and 31% of benign requests (README).
+# The default layer (-2 = 11) and benign over-refusal are watched at every eval, on the full held-out sets.
 init_from = "data/smol/smol-llava"
 reward_model = "out/smol-rm"
 # harmful requests drawn twice as often as benign ones (62% of rollouts): with the two at their natural 45/55 mix,

@@ -6,6 +6,7 @@
 # greedy (90% at T=0.7); 10.4% of benign ones over-refused (12.5% at T=0.7). Before it SmolLM2 refused 22% / 8%.
 # Tried, same data but before the benign refusals were resampled (greedy / T=0.7, harmful refused; benign refused):
 #   170 iterations: 90 / 84; 21 / 21     272: 88 / 88; 12.5 / 16.7     340: 90 / 90; 14.6 / 12.5
+# and with the resampled data at 408 iterations: 88 / 84; 6.2 / 6.2 (refuses less of both; 340 is the closer miss)
 # A low rank generalized best of the settings tried on the earlier, smaller data (r=16, 150 steps: 90% / 29%).
 init_from = "data/smol/smol-llava-base"
 data = "data/smol/sft_train.jsonl"

@@ -6,8 +6,8 @@ Builds data/smol/sft_train.jsonl, the smol world's safety SFT data (config/smol_
 
 The benign half is self-distillation: the model learns to refuse harmful requests while its answers to everything
 else stay its own, so utility is kept. The answer is the greedy one; where that is a refusal (SmolLM2 turns down a
-few harmless requests, mostly the ones that only sound risky), it is sampled again at temperature 0.7 until it is
-not, so that exactly the requests most easily over-refused are taught as answered. Those answers are generated once and kept in the JSONL; a finished file is
+few harmless requests: 19 of the 211, six of them XSTest-style ones that only sound risky), it is sampled again
+at temperature 0.7 until it is not, so that the requests the model most readily refuses are taught as answered. Those answers are generated once and kept in the JSONL; a finished file is
 reused. Only the TRAIN files are read: the test files stay held out.
 Run: python data/smol/build_sft.py   (103 s on 2 CPU cores; builds the base checkpoint first if it is missing)
 """

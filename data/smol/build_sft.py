@@ -7,8 +7,9 @@ Builds data/smol/sft_train.jsonl, the smol world's safety SFT data (config/smol_
 The benign half is self-distillation: the model learns to refuse harmful requests while its answers to everything
 else stay its own, so utility is kept. The answer is the greedy one; where that is a refusal (SmolLM2 turns down a
 few harmless requests: 19 of the 211, six of them XSTest-style ones that only sound risky), it is sampled again
-at temperature 0.7 until it is not, so that the requests the model most readily refuses are taught as answered. Those answers are generated once and kept in the JSONL; a finished file is
-reused. Only the TRAIN files are read: the test files stay held out.
+at temperature 0.7 until it is not, so that the requests the model most readily refuses are taught as answered.
+Those answers are generated once and kept in the JSONL; a finished file is reused. Only the TRAIN files are read:
+the test files stay held out.
 Run: python data/smol/build_sft.py   (103 s on 2 CPU cores; builds the base checkpoint first if it is missing)
 """
 import json
@@ -71,20 +72,22 @@ def model_answers(vlm, tok, rows, temperature=0.0, generator=None, desc="base mo
 def answers_without_refusals(vlm, tok, rows, seed):
     """The greedy answer to each row, sampled again (seeded) where it is a refusal; None where every try refused."""
     answers = model_answers(vlm, tok, rows)
+    refused = [i for i, a in enumerate(answers) if is_refusal(a)]
     generator = torch.Generator().manual_seed(seed)
     for attempt in range(resample_tries):
-        refused = [i for i, a in enumerate(answers) if is_refusal(a)]
         if not refused:
             break
         again = model_answers(vlm, tok, [rows[i] for i in refused], resample_temperature, generator,
                               desc=f"resampling {len(refused)} refusals ({attempt + 1}/{resample_tries})")
         for i, a in zip(refused, again):
-            if not is_refusal(a):
-                answers[i] = a
-    return [None if is_refusal(a) else a for a in answers]
+            answers[i] = a
+        refused = [i for i in refused if is_refusal(answers[i])]
+    for i in refused:
+        answers[i] = None
+    return answers
 
 
-def build_smol_sft(seed=0, out_path=out_path):
+def build_smol_sft(seed=0):
     """Write sft_train.jsonl unless it exists; return its path."""
     if out_path.exists():
         print(f"smol sft: {out_path} is ready")
@@ -113,9 +116,10 @@ def build_smol_sft(seed=0, out_path=out_path):
     os.replace(tmp, out_path)
     print(f"smol sft: wrote {out_path} ({len(harmful)} refused and {len(own)} answered requests, "
           f"each with {images_per_request} images; "
-          f"{len(benign) - len(own)} benign requests the base model refused {resample_tries + 1} times left out) in {time.time() - t0:.0f}s")
+          f"{len(benign) - len(own)} benign requests the base model refused {resample_tries + 1} times left out) "
+          f"in {time.time() - t0:.0f}s")
     return out_path
 
 
 if __name__ == "__main__":
-    build_smol_sft(out_path=Path(sys.argv[1]) if len(sys.argv) > 1 else out_path)
+    build_smol_sft()

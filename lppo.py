@@ -258,11 +258,12 @@ def ppo_update(vlm, params, optimizer, batch, tokens, resp_mask, layers, old_log
                temperature, seed, world_size=1, ctx=None):
     """K epochs of clipped PPO over shuffled minibatches (Eq. 7-9); gradients averaged over DDP ranks.
 
-    Returns the list of per-micro-batch statistics. Raises FloatingPointError on a NaN/inf loss before
-    any optimizer step is taken with it.
+    Returns the list of per-micro-batch statistics. Raises FloatingPointError on every rank when a loss is NaN/inf
+    on any rank, before an optimizer step is taken with it.
     """
     stats = []
     n = tokens.shape[0]
+    bad = ""  # why this rank's minibatch must not be stepped on, if it must not
     for epoch in range(ppo_epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
         for start in range(0, n, minibatch_size):
@@ -276,19 +277,28 @@ def ppo_update(vlm, params, optimizer, batch, tokens, resp_mask, layers, old_log
                 vf_loss, vf_clipfrac = clipped_value_loss(v, old_values[mb], returns[mb], m, clip_eps_v)
                 loss = (pg_loss + vf_coef * vf_loss) * len(mb) / minibatch_size  # Eq. 9, averaged over the minibatch
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})")
+                    bad = bad or f"loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})"
+                    continue  # not backpropagated; the step below is refused on every rank
                 loss.backward()
                 stats.append({"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "vf_clipfrac": vf_clipfrac,
                               "entropy": masked_mean(ent, m), **pg_stats})
+            n_bad = float(bool(bad))
             if world_size > 1:
-                # one flat all-reduce for all LoRA and value-head gradients; every rank then takes the same step
-                flat = torch.cat([p.grad.flatten() for p in params])
+                # one flat all-reduce for all LoRA and value-head gradients, and the count of ranks with a non-finite
+                # loss, so that a NaN on one rank stops them all instead of leaving the others waiting here
+                flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+                                  for p in params] + [torch.tensor([n_bad], device=params[0].device)])
                 dist.all_reduce(flat)
+                n_bad = flat[-1].item()
                 flat /= world_size
                 offset = 0
                 for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                     p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
                     offset += p.numel()
+            if n_bad:
+                raise FloatingPointError(bad or f"a non-finite loss on {int(n_bad)} other rank(s)")
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
@@ -307,8 +317,8 @@ if __name__ == "__main__":
     import numpy as np
     from tqdm import tqdm
 
-    from model import (InputError, VLM, add_lora, encode_batch, load_image, load_tokenizer, merge_lora, save_lora,
-                       save_peft_adapter)
+    from model import (InputError, VLM, add_lora, atomic_torch_save, atomic_write_json, check_writable_dir,
+                       encode_batch, fit_prompt, load_image, load_tokenizer, merge_lora, save_lora, save_peft_adapter)
 
     # -----------------------------------------------------------------------------
     # default config: L-PPO on the smol world (a real SmolLM2-135M-Instruct made into a LLaVA, see data/smol/)
@@ -330,7 +340,7 @@ if __name__ == "__main__":
     batch_size = 16                             # rollouts per rank per iteration
     max_new_tokens = 32
     temperature = 0.7
-    top_p = 1.0
+    top_p = 1.0                                 # must be 1: see below
     missing_eos_penalty = 1.0                   # subtracted from the score of a response that never ends
     # PPO
     ppo_epochs = 2
@@ -370,8 +380,28 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     config_keys = [k for k, v in globals().items()
                    if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, list))]
+    # what the configurator checks before any work is done
+    CONFIG_TYPES = {"image_layer": (int, list)}
+    POSITIVE = ("batch_size", "minibatch_size", "micro_batch_size", "max_new_tokens", "ppo_epochs", "learning_rate",
+                "lora_r", "lora_alpha", "max_iters", "eval_interval", "eval_max_new_tokens", "checkpoint_interval",
+                "clip_eps", "clip_eps_v", "kl_target", "kl_horizon")
+    CHOICES = {"dtype": ("float32", "bfloat16"), "kl_estimator": ("k1", "k2", "k3", "low-var", "abs")}
+    # resuming with any of these changed would not continue the same run
+    RESUME_MUST_MATCH = ("init_from", "reward_model", "prompt_files", "image_root", "image_layer", "batch_size",
+                         "max_new_tokens", "temperature", "top_p", "missing_eos_penalty", "ppo_epochs",
+                         "minibatch_size", "micro_batch_size", "learning_rate", "weight_decay", "grad_clip", "gamma",
+                         "lam", "clip_eps", "clip_eps_v", "vf_coef", "kl_coef", "kl_estimator", "adaptive_kl",
+                         "kl_target", "kl_horizon", "whiten_rewards", "lora_r", "lora_alpha", "lora_dropout",
+                         "lora_targets", "dtype", "seed")
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     config = {k: globals()[k] for k in config_keys}
+    # old, reference and new logprobs are all computed from the full softmax(logits / temperature)
+    if temperature <= 0:
+        sys.exit(f"error: temperature={temperature}; expected > 0: PPO scores each rollout at the temperature it "
+                 "was sampled with, and greedy rollouts have no such distribution")
+    if top_p != 1.0:
+        sys.exit(f"error: top_p={top_p}; expected 1.0: PPO scores rollouts under the untruncated distribution, so "
+                 "nucleus-sampled tokens would get the wrong old logprobs")
 
     # DDP: the same script runs under python and torchrun; each rank makes its own rollouts
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -435,10 +465,30 @@ if __name__ == "__main__":
         for name, path in (("harmful", eval_harmful), ("benign", eval_benign)):
             if path:
                 rows = read_prompt_jsonl(path, image_root)
+                if not rows:
+                    raise InputError(f"{path}: no prompts; expected at least one held-out prompt (or eval_{name}='')")
                 eval_sets[name] = rows[:eval_size] if eval_size else rows
-        for r in [r for rows in [train_rows, *eval_sets.values()] for r in rows]:
-            if r["image"] is None or not os.path.isfile(r["image"]):
-                raise InputError(f"{r['id']}: image {r['image']} not found (L-PPO needs an image for every prompt)")
+        # every image is opened now, not found broken an hour into the run
+        all_rows = [r for rows in [train_rows, *eval_sets.values()] for r in rows]
+        for r in all_rows:
+            if r["image"] is None:
+                raise InputError(f"{r['id']}: no image; L-PPO needs an image for every prompt")
+        first_use = {}
+        for r in all_rows:
+            first_use.setdefault(r["image"], r["id"])
+        for path, row_id in first_use.items():
+            try:
+                load_image(path)
+            except InputError as e:
+                raise InputError(f"prompt {row_id}: {e}") from None
+        # a prompt that leaves no room for the response loses the start of its text, as in sft.py
+        max_prompt_len = vlm.config.text.max_position_embeddings - max(max_new_tokens, eval_max_new_tokens)
+        n_cut = sum(fit_prompt(tok, vlm.config, p, max_prompt_len)[1] > 0 for p in sorted({r["prompt"] for r in all_rows}))
+        if n_cut:
+            print0(f"note: {n_cut} prompts are longer than the {max_prompt_len} tokens the context leaves beside the "
+                   "response; their text is cut from the left (image tokens are kept whole)")
+        if master:
+            check_writable_dir(out_dir)
     except (InputError, ValueError, FileNotFoundError) as e:
         fail(e)
     if len(train_rows) < batch_size:
@@ -473,7 +523,17 @@ if __name__ == "__main__":
     if resume:
         if not os.path.isfile(ckpt_path):
             fail(f"{ckpt_path}: nothing to resume from")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:  # weights_only: a checkpoint is data, and unpickling arbitrary objects would run code from the file
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as e:
+            fail(f"{ckpt_path}: not a checkpoint written by lppo.py ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        for k in RESUME_MUST_MATCH:
+            if ckpt["config"].get(k) != config[k]:
+                fail(f"{ckpt_path}: {k} was {ckpt['config'].get(k)!r}, now {config[k]!r}; --resume needs the same "
+                     "value (or a new out_dir)")
+        if len(ckpt["rng"]) != world_size:
+            fail(f"{ckpt_path}: written by {len(ckpt['rng'])} rank(s), now {world_size}; --resume needs the same "
+                 "number of ranks")
         own = vlm.state_dict()
         with torch.no_grad():
             for k, v in ckpt["trainable"].items():
@@ -493,10 +553,11 @@ if __name__ == "__main__":
         if not master:
             return
         trainable = {k: v.detach().cpu() for k, v in vlm.state_dict().items() if ".lora_" in k or k.startswith("value_head.")}
-        tmp = ckpt_path + ".tmp"
-        torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                    "iter_num": iter_num, "history": history, "rng": states, "config": config}, tmp)
-        os.replace(tmp, ckpt_path)
+        try:
+            atomic_torch_save({"trainable": trainable, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+                               "iter_num": iter_num, "history": history, "rng": states, "config": config}, ckpt_path)
+        except InputError as e:  # disk full, folder gone read-only: the previous checkpoint is still there
+            fail(e)
 
     # -----------------------------------------------------------------------------
     # evaluation: refusal rate at the trained layer(s) and the default layer, over-refusal on benign prompts
@@ -507,7 +568,7 @@ if __name__ == "__main__":
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], [load_image(r["image"]) for r in chunk],
-                                 device=device)
+                                 device=device, max_len=max_prompt_len)
             with ctx:
                 toks, _ = vlm.generate(**batch, image_layer=layer, max_new_tokens=max_tokens,
                                        temperature=temperature if sample else 0.0, top_p=top_p, eos_token_id=eos_id,
@@ -544,7 +605,7 @@ if __name__ == "__main__":
         roll_layers = [it_rng.choice(layers) if len(layers) > 1 else layers[0] for _ in range(world_size * batch_size)]
         roll_layers = torch.tensor([vlm.image_layer_index(l) for l in roll_layers[rank * batch_size:(rank + 1) * batch_size]])
         batch = encode_batch(tok, vlm.config, [r["prompt"] for r in rows], [load_image(r["image"]) for r in rows],
-                             device=device)
+                             device=device, max_len=max_prompt_len)
         # 3. rollout with the policy (adapters on)
         with torch.no_grad(), ctx:
             tokens, _ = vlm.generate(**batch, image_layer=roll_layers, max_new_tokens=max_new_tokens,
@@ -607,16 +668,17 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # the final policy: our adapter file, a PEFT adapter folder, optionally a merged llava-hf checkpoint
     if master:
-        save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))
-        save_peft_adapter(vlm, os.path.join(out_dir, "peft"), base_model=init_from)
-        with open(os.path.join(out_dir, "history.json.tmp"), "w") as f:
-            json.dump({"config": config, "history": history}, f, indent=1)
-        os.replace(os.path.join(out_dir, "history.json.tmp"), os.path.join(out_dir, "history.json"))
-        if save_merged:
-            merge_lora(vlm)
-            vlm.value_head = None
-            vlm.save_pretrained(os.path.join(out_dir, "merged"))
-            tok.save_pretrained(os.path.join(out_dir, "merged"))
+        try:
+            save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))
+            save_peft_adapter(vlm, os.path.join(out_dir, "peft"), base_model=init_from)
+            atomic_write_json({"config": config, "history": history}, os.path.join(out_dir, "history.json"))
+            if save_merged:
+                merge_lora(vlm)
+                vlm.value_head = None
+                vlm.save_pretrained(os.path.join(out_dir, "merged"))
+                tok.save_pretrained(os.path.join(out_dir, "merged"))
+        except InputError as e:
+            fail(e)
         print0(f"saved {out_dir}/adapter.safetensors, {out_dir}/peft/" + (", merged/" if save_merged else ""))
     if ddp:
         dist.destroy_process_group()

@@ -506,11 +506,10 @@ def save_peft_adapter(vlm, folder, base_model=""):
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "modules_to_save": None,
     }
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)) or ".", prefix=".tmp-")
-    atomic_save_safetensors(sd, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config, f, indent=2)
-    replace_dir(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        atomic_save_safetensors(sd, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(adapter_config, f, indent=2)
 
 
 def load_lora(vlm, path):
@@ -695,11 +694,10 @@ class VLM(nn.Module):
             if k.startswith("value_head.") or (k == "lm_head.weight" and self.config.text.tie_word_embeddings):
                 continue
             sd[to_hf_key(k)] = v.detach().contiguous().cpu()
-        tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".tmp-")
-        atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config), f, indent=2)
-        replace_dir(tmp, path)
+        with atomic_folder(path) as tmp:
+            atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config_to_hf(self.config), f, indent=2)
 
 
 def sample_token(logits, temperature, top_p, generator=None):
@@ -851,25 +849,84 @@ def load_weights(model, path, device, dtype):
     model.language_model.inv_freq = rope_inv_freq(model.config.text).to(device)
 
 
-def atomic_save_safetensors(tensors, path, metadata=None):
-    from safetensors.torch import save_file
+def _write_error(path, e):
+    """A failed write (disk full, read-only folder, no permission) as one line naming the file."""
+    return InputError(f"{path}: could not be written ({e.strerror or type(e).__name__}); the previous version, if "
+                      "any, is untouched")
+
+
+def atomic_write(path, write):
+    """Run write(tmp) on a temporary file beside `path`, then rename it to `path`: a crash or Ctrl-C at any moment
+    leaves either the old file or the new one, never half of one, and no temporary file behind."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".safetensors")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode a plain open() would
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        if os.path.exists(tmp):  # after a successful rename there is nothing left to remove
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
+
+
+def atomic_save_safetensors(tensors, path, metadata=None):
+    from safetensors.torch import save_file
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_writable_dir(path):
+    """Create folder `path` if needed and prove it takes a file, so a bad out_dir fails at start-up, not at the
+    first checkpoint an hour later."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"out_dir={path!r} is a file; expected a folder (or a path that does not exist yet)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".tmp-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"out_dir={path!r} is not writable ({e.strerror or type(e).__name__}); expected a folder "
+                         "this process can write") from None
+
+
+@contextmanager
+def atomic_folder(path):
+    """Yield a temporary folder beside `path`; when the block ends, it replaces `path` as a whole. On an error the
+    temporary folder is removed and `path` is untouched."""
+    import shutil
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
+        raise
 
 
 def replace_dir(tmp, path):
@@ -922,6 +979,23 @@ def encode_prompt(tokenizer, cfg, prompt, image=True):
     return ids
 
 
+def fit_prompt(tokenizer, cfg, prompt, max_len, image=True):
+    """(ids, n_cut): encode_prompt's ids, the prompt's text cut from the left by n_cut tokens until they fit max_len.
+
+    The request's end, usually the question, is kept; the image tokens and chat template are never cut: if they
+    alone do not fit, InputError."""
+    ids, n_cut = encode_prompt(tokenizer, cfg, prompt, image), 0
+    while len(ids) > max_len:
+        text = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not text:
+            raise InputError(f"the image tokens and chat template need {len(ids)} tokens, more than the "
+                             f"{max_len} left for the prompt, even with the whole prompt cut")
+        over = min(len(ids) - max_len, len(text))
+        prompt, n_cut = tokenizer.decode(text[over:]), n_cut + over
+        ids = encode_prompt(tokenizer, cfg, prompt, image)
+    return ids, n_cut
+
+
 def left_pad(seqs, pad_id, device="cpu"):
     """Stack ragged id lists into (B, T) input_ids and attention_mask, padding on the left."""
     T = max(len(s) for s in seqs)
@@ -934,9 +1008,13 @@ def left_pad(seqs, pad_id, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", pad_to_square=False):
-    """A left-padded batch of prompts (each with its image, or text-only if images is None)."""
-    seqs = [encode_prompt(tokenizer, cfg, p, image=images is not None) for p in prompts]
+def encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", pad_to_square=False, max_len=None):
+    """A left-padded batch of prompts (each with its image, or text-only if images is None); with max_len, a
+    longer prompt loses the start of its text (fit_prompt)."""
+    if max_len is None:
+        seqs = [encode_prompt(tokenizer, cfg, p, image=images is not None) for p in prompts]
+    else:
+        seqs = [fit_prompt(tokenizer, cfg, p, max_len, image=images is not None)[0] for p in prompts]
     input_ids, mask = left_pad(seqs, cfg.pad_token_id, device)
     batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": None}
     if images is not None:

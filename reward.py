@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import tiktoken
 import torch
@@ -27,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (GPT2_CONV1D_WEIGHTS, GPT2Model, InputError, LlamaModel, LoRALinear, VLM, VLMConfig,
-                   _open_safetensors, atomic_save_safetensors, build_mask, checkpoint_shards, config_from_hf,
-                   config_to_hf, gpt2_config_from_hf, gpt2_config_to_hf, load_tokenizer, read_json, replace_dir,
+                   _open_safetensors, atomic_folder, atomic_save_safetensors, build_mask, checkpoint_shards,
+                   config_from_hf, config_to_hf, gpt2_config_from_hf, gpt2_config_to_hf, load_tokenizer, read_json,
                    resolve_checkpoint, rope_inv_freq)
 
 # -----------------------------------------------------------------------------
@@ -329,18 +328,15 @@ class RewardModel(nn.Module):
                 continue
             hf_key = prefix + key.removeprefix("backbone.")
             sd[hf_key] = t.t() if self.model_type == "gpt2" and hf_key.endswith(GPT2_CONV1D_WEIGHTS) else t
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-        atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in sd.items()},
-                                os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        for name, obj in {"config.json": self.hf_config(), **(extra_files or {})}.items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2)
-        for name in TOKENIZER_FILES:
-            if self.source and os.path.isfile(os.path.join(self.source, name)):
-                shutil.copy(os.path.join(self.source, name), tmp)
-        replace_dir(tmp, path)
+        with atomic_folder(path) as tmp:
+            atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in sd.items()},
+                                    os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            for name, obj in {"config.json": self.hf_config(), **(extra_files or {})}.items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=2)
+            for name in TOKENIZER_FILES:
+                if self.source and os.path.isfile(os.path.join(self.source, name)):
+                    shutil.copy(os.path.join(self.source, name), tmp)
 
 
 def load_reward_weights(rm, path, device, dtype, init_head):

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from model import (VLM, InputError, add_lora, encode_prompt, load_image, load_tokenizer, lora_state_dict,
+from model import (VLM, InputError, add_lora, fit_prompt, load_image, load_tokenizer, lora_state_dict,
                    merge_lora, preprocess_image, resolve_checkpoint, save_lora)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
@@ -75,15 +75,11 @@ def build_example(tok, cfg, prompt, response, max_len):
     usually the question, is kept); the image tokens are never cut: if they do not fit, InputError.
     """
     target = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    ids, n_cut = encode_prompt(tok, cfg, prompt), 0
-    while len(ids) + len(target) > max_len:
-        text = tok(prompt, add_special_tokens=False)["input_ids"]
-        if not text:
-            raise InputError(f"the image tokens, chat template and response need {len(ids) + len(target)} tokens, "
-                             f"more than the context length {max_len}, even with the whole prompt cut")
-        over = min(len(ids) + len(target) - max_len, len(text))
-        prompt, n_cut = tok.decode(text[over:]), n_cut + over
-        ids = encode_prompt(tok, cfg, prompt)
+    try:
+        ids, n_cut = fit_prompt(tok, cfg, prompt, max_len - len(target))
+    except InputError:
+        raise InputError(f"the image tokens, chat template and response need more than the context length "
+                         f"{max_len}, even with the whole prompt cut") from None
     return ids + target, [IGNORE_INDEX] * len(ids) + target, n_cut
 
 

@@ -2,18 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 import tiny
+from ranks import run_ranks
 from lppo import ppo_update
 from model import VLM, add_lora
 
@@ -137,7 +135,7 @@ def test_missing_image_and_empty_prompt_set_are_named(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "w5", "image": "images/none.png"}) + "\n")
     p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{bad}']", f"--image_root={world}")
-    assert p.returncode == 1 and "images/none.png not found" in p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "images/none.png: image file not found" in p.stderr.strip().splitlines()[-1]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{empty}']")
@@ -146,10 +144,8 @@ def test_missing_image_and_empty_prompt_set_are_named(world, tmp_path):
 
 # ---------------------------------------------------------------------------- one update, one rank vs two
 
-def _update(rank, world_size, folder, port, result_file):
+def _update(rank, world_size, folder, result_file, nan_on_rank=None):
     """One ppo_update on this rank's half of a fixed rollout (or on all of it with one rank)."""
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     vlm = VLM.from_pretrained(folder)
     vlm.add_value_head()
@@ -173,27 +169,40 @@ def _update(rank, world_size, folder, port, result_file):
     layers = torch.tensor([1, 2, 3, 4] * 2)
     rows = slice(rank * B // world_size, (rank + 1) * B // world_size)
     local = B // world_size
+    if rank == nan_on_rank:
+        adv[rows.start + 1, 2] = float("nan")  # one poisoned token on one rank only
     opt = torch.optim.SGD(params, lr=1.0)
-    ppo_update(vlm, params, opt, {k: v[rows] for k, v in batch.items()}, tokens[rows], mask[rows], layers[rows],
-               old_lp[rows], old_v[rows], adv[rows], ret[rows], ppo_epochs=1, minibatch_size=local,
-               micro_batch_size=2, clip_eps=0.2, clip_eps_v=0.2, vf_coef=0.1, grad_clip=0.0, temperature=0.7,
-               seed=0, world_size=world_size)
-    if rank == 0:
-        torch.save({"before": before, "after": {n: p.detach() for n, p in vlm.named_parameters() if p.requires_grad}},
-                   result_file)
-    if world_size > 1:
-        dist.destroy_process_group()
+    try:
+        ppo_update(vlm, params, opt, {k: v[rows] for k, v in batch.items()}, tokens[rows], mask[rows], layers[rows],
+                   old_lp[rows], old_v[rows], adv[rows], ret[rows], ppo_epochs=1, minibatch_size=local,
+                   micro_batch_size=2, clip_eps=0.2, clip_eps_v=0.2, vf_coef=0.1, grad_clip=0.0, temperature=0.7,
+                   seed=0, world_size=world_size)
+        outcome = "stepped"
+    except FloatingPointError as e:
+        outcome = f"FloatingPointError: {e}"
+    after = {n: p.detach().clone() for n, p in vlm.named_parameters() if p.requires_grad}
+    torch.save({"before": before, "after": after, "outcome": outcome}, f"{result_file}.{rank}")
 
 
 def test_one_update_with_two_ranks_equals_one_rank_on_the_same_data(tmp_path):
     tiny.make_tiny_llava(tmp_path / "m")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_update, args=(2, str(tmp_path / "m"), port, str(tmp_path / "two.pt")), nprocs=2, join=True)
-    _update(0, 1, str(tmp_path / "m"), port, str(tmp_path / "one.pt"))
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    run_ranks(_update, 2, str(tmp_path / "m"), str(tmp_path / "two.pt"))
+    _update(0, 1, str(tmp_path / "m"), str(tmp_path / "one.pt"))
+    one, two = torch.load(tmp_path / "one.pt.0"), torch.load(tmp_path / "two.pt.0")
+    assert one["outcome"] == two["outcome"] == "stepped"
     for k in one["after"]:
         assert torch.allclose(one["after"][k], two["after"][k], atol=1e-6), (k, (one["after"][k] - two["after"][k]).abs().max())
     # the update really moved the weights: the comparison is not between two no-ops
     assert max((one["after"][k] - one["before"][k]).abs().max() for k in one["after"]) > 1e-3
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_before_any_step(tmp_path):
+    tiny.make_tiny_llava(tmp_path / "m")
+    run_ranks(_update, 2, str(tmp_path / "m"), str(tmp_path / "r.pt"), 1, timeout=120)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"r.pt.{rank}")
+        assert r["outcome"].startswith("FloatingPointError"), (rank, r["outcome"])
+        for k in r["after"]:
+            assert torch.equal(r["after"][k], r["before"][k]), (rank, k)  # no optimizer step was taken
+    assert "loss is nan" in torch.load(tmp_path / "r.pt.1")["outcome"]
+    assert "other rank" in torch.load(tmp_path / "r.pt.0")["outcome"]

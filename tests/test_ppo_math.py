@@ -1,18 +1,13 @@
 import math
-import socket
-import tempfile
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lppo import (AdaptiveKLController, FixedKLController, clipped_policy_loss, clipped_value_loss, compute_gae,
                   compute_rewards, entropy_from_logits, first_eos_mask, kl_penalty, logprobs_from_logits, masked_mean,
                   masked_var, masked_whiten)
+from ranks import run_ranks
 
 
 def ragged_batch(seed, B=6, T=9, dtype=torch.float64):
@@ -98,32 +93,17 @@ def test_whitening_without_mean_shift_keeps_the_mean():
     assert abs(masked_var(whitened, mask).item() - 1.0) < 1e-6
 
 
-def _whiten_on_rank(rank, world_size, port, shards, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=30))
-    try:
-        x, mask = shards[rank]
-        torch.save(masked_whiten(x, mask), Path(out_dir) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _whiten_on_rank(rank, world_size, shards, out_dir):
+    x, mask = shards[rank]
+    torch.save(masked_whiten(x, mask), Path(out_dir) / f"{rank}.pt")
 
 
-def test_whitening_under_ddp_equals_whitening_of_the_concatenated_batch():
+def test_whitening_under_ddp_equals_whitening_of_the_concatenated_batch(tmp_path):
     rewards, _, mask = ragged_batch(3, B=5, T=7)
     x = 2.0 * rewards - 1.0
     shards = [(x[:2], mask[:2]), (x[2:], mask[2:])]  # unequal shards: the all-reduce must weight by token count
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.spawn(_whiten_on_rank, args=(2, port, shards, out_dir), nprocs=2, join=False)
-        deadline = time.monotonic() + 120
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in context.processes:
-                    p.kill()
-                pytest.fail("two-rank gloo whitening did not finish within 120 s")
-        ranks = [torch.load(Path(out_dir) / f"{r}.pt") for r in range(2)]
+    run_ranks(_whiten_on_rank, 2, shards, str(tmp_path), timeout=120)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     torch.testing.assert_close(torch.cat(ranks), masked_whiten(x, mask))
     # and it really differs from whitening each shard on its own
     assert not torch.allclose(ranks[0], masked_whiten(*shards[0]))

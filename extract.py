@@ -12,7 +12,10 @@ LM's own text-token embeddings:
     OOD    mean Mahalanobis distance under a Gaussian fitted on default-layer features (Lee et al. 2018)
 
 Everything is computed after the projector, in the LM's input space: that is what the LM reads, and it puts the
-default layer and the text embeddings in one space.
+default layer and the text embeddings in one space. The images are split in two seeded halves: the default layer's
+Gaussian fits come from one, every layer (the default too) is scored on the other. The default layer's own FD and
+OOD are then the noise floor, what a layer from the default layer's distribution gets; statistics.json and the
+table report it.
 
     python extract.py --init_from=checkpoints/llava-1.5-7b-hf --image_dir=data/cp/images --out_dir=out/extract
 """
@@ -20,6 +23,7 @@ default layer and the text embeddings in one space.
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -89,15 +93,18 @@ def mahalanobis_distance(x, mu, precision):
     return ((diff @ precision) * diff).sum(-1).clamp(min=0).sqrt()
 
 
-def layer_statistics(features, default_layer, text_embeddings, shrinkage=0.01):
-    """One row of statistics per layer: features {layer: (N, D)} paired by row across layers (the same image tokens),
-    text_embeddings (V, D), all in the LM's input space."""
-    ref = features[default_layer].double()
+def layer_statistics(fit, features, default_layer, text_embeddings, shrinkage=0.01):
+    """One row of statistics per layer. fit (M, D): default-layer features of one half of the images, to which the
+    Gaussian (FD) and Mahalanobis (OOD) references are fitted; features {layer: (N, D)}: every layer on the other
+    half, paired by row across layers (the same image tokens); text_embeddings (V, D); all in the LM's input space.
+    The default layer is scored on images the fit never saw, like every other layer, so its FD and OOD are the noise
+    floor: what a layer drawn from the default layer's own distribution gets."""
+    fit, ref = fit.double(), features[default_layer].double()
     text = text_embeddings.double()
-    mu_ref, cov_ref = gaussian_fit(ref)
+    mu_fit, cov_fit = gaussian_fit(fit)
     mu_text, cov_text = gaussian_fit(text)
-    sqrt_ref, sqrt_text = sqrtm_psd(cov_ref), sqrtm_psd(cov_text)
-    mu_ood, precision = fit_mahalanobis(ref, shrinkage)
+    sqrt_fit, sqrt_text = sqrtm_psd(cov_fit), sqrtm_psd(cov_text)
+    mu_ood, precision = fit_mahalanobis(fit, shrinkage)
     rows = []
     for layer, x in sorted(features.items()):
         x = x.double()
@@ -105,7 +112,7 @@ def layer_statistics(features, default_layer, text_embeddings, shrinkage=0.01):
         rows.append({
             "layer": layer,
             "cos_default": paired_cosine(x, ref), "norm_default": norm_ratio(x, ref), "cka_default": linear_cka(x, ref),
-            "fd_default": frechet_distance(mu_ref, cov_ref, mu, cov, sqrt_ref),
+            "fd_default": frechet_distance(mu_fit, cov_fit, mu, cov, sqrt_fit),
             "cos_text": mean_pairwise_cosine(x, text), "norm_text": norm_ratio(x, text),
             "fd_text": frechet_distance(mu_text, cov_text, mu, cov, sqrt_text),
             "ood": mahalanobis_distance(x, mu_ood, precision).mean().item(),
@@ -122,10 +129,10 @@ COLUMNS = {"cos_default": "cos vs default", "norm_default": "norm / default", "c
 # The program. Defaults below; override them with a config file or --key=value (configurator.py).
 
 init_from = "checkpoints/llava-1.5-7b-hf"  # llava-hf checkpoint folder
-image_dir = "data/cp/images"  # the images (.jpg, .jpeg, .png)
+image_dir = "data/cp/images"  # the images (.jpg, .jpeg, .png), at least 2
 limit = 64  # a seeded random subset of this many images; 0 = all (every layer of every image is kept in memory)
 batch_size = 16
-max_tokens = 8192  # image tokens (the same ones at every layer) and text embeddings the statistics use
+max_tokens = 8192  # image tokens per half (the same ones at every layer) and text embeddings the statistics use
 shrinkage = 0.01  # of the default-layer covariance behind the Mahalanobis score
 save_dtype = "float16"  # of features.safetensors
 seed = 1337
@@ -136,15 +143,21 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 
 @torch.no_grad()
 def main():
-    from safetensors.torch import save_file
-    from model import VLM, load_image, preprocess_image
+    from model import (VLM, InputError, atomic_save_safetensors, atomic_write, atomic_write_json, check_writable_dir,
+                       load_image, preprocess_image)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    os.makedirs(out_dir, exist_ok=True)
+    # everything that can be wrong with the inputs fails here, before minutes of model loading
+    check_writable_dir(out_dir)
+    if not os.path.isdir(image_dir):
+        raise InputError(f"image_dir={image_dir!r}: folder not found; expected a folder of .jpg or .png images")
     images = sorted(str(p) for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"image_dir = {image_dir!r}: no .jpg or .png images; expected a folder of images")
     if limit:
         images = sorted(random.Random(seed).sample(images, min(limit, len(images))))
+    if len(images) < 2:
+        raise InputError(f"image_dir={image_dir!r}: {len(images)} .jpg or .png images; expected at least 2 "
+                         "(one half is fitted, the other scored)")
+    for p in images:
+        load_image(p)
     vlm = VLM.from_pretrained(init_from, device=device, dtype=dtypes[dtype])
     L = vlm.config.vision.num_hidden_layers
     default_layer = vlm.image_layer_index(None)
@@ -160,37 +173,59 @@ def main():
         print(f"features: {min(i + batch_size, len(images))}/{len(images)} images")
     per_layer = {l: torch.cat(hs) for l, hs in per_layer.items()}
     meta = {"images": json.dumps(images), "default_layer": str(default_layer), "model": init_from}
-    save_file({f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
-              os.path.join(out_dir, "features.safetensors"), metadata=meta)
+    atomic_save_safetensors({f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
+                            os.path.join(out_dir, "features.safetensors"), metadata=meta)
 
-    # the same tokens at every layer, so that per-token cosine and CKA compare like with like
+    # The default layer's references are fitted on half of the images and every layer, the default included, is
+    # scored on the other half: scored on its own fitting data the default layer would look closer to home than any
+    # other layer can. The halves are of images, not tokens, as the tokens of one image are correlated.
+    order = random.Random(seed).sample(range(len(images)), len(images))
+    fit_images, scored_images = sorted(order[:len(images) // 2]), sorted(order[len(images) // 2:])
     g = torch.Generator().manual_seed(seed)
-    n_tokens = per_layer[0].shape[0] * per_layer[0].shape[1]
-    token_idx = torch.randperm(n_tokens, generator=g)[:max_tokens]
-    projected = {l: vlm.multi_modal_projector(h.flatten(0, 1)[token_idx].to(device, dtypes[dtype])).double()
-                 for l, h in per_layer.items()}
+    n_per_image = per_layer[0].shape[1]
+
+    def tokens(image_idx):
+        """Up to max_tokens random image tokens of these images, as rows of a layer's flattened (images * tokens)."""
+        flat = (torch.tensor(image_idx)[:, None] * n_per_image + torch.arange(n_per_image)).flatten()
+        return flat[torch.randperm(len(flat), generator=g)[:max_tokens]]
+
+    def project(layer, rows):
+        return vlm.multi_modal_projector(per_layer[layer].flatten(0, 1)[rows].to(device, dtypes[dtype])).double()
+
+    fit_rows, scored_rows = tokens(fit_images), tokens(scored_images)
+    fit = project(default_layer, fit_rows)
+    # the same tokens at every layer, so that per-token cosine and CKA compare like with like
+    projected = {l: project(l, scored_rows) for l in per_layer}
     embeddings = vlm.language_model.embed_tokens.weight
     text = embeddings[torch.randperm(embeddings.shape[0], generator=g)[:max_tokens].to(embeddings.device)].double()
-    rows = layer_statistics(projected, default_layer, text, shrinkage)
+    rows = layer_statistics(fit, projected, default_layer, text, shrinkage)
+    default_row = next(r for r in rows if r["layer"] == default_layer)
+    noise_floor = {"fd_default": default_row["fd_default"], "ood": default_row["ood"]}
 
-    with open(os.path.join(out_dir, "statistics.json"), "w") as f:
-        json.dump({"model": init_from, "images": len(images), "tokens": len(token_idx), "text_embeddings": len(text),
-                   "default_layer": default_layer, "layers": rows}, f, indent=2)
+    atomic_write_json({"model": init_from, "default_layer": default_layer,
+                       "fit_images": [images[i] for i in fit_images],
+                       "scored_images": [images[i] for i in scored_images],
+                       "fit_tokens": len(fit_rows), "scored_tokens": len(scored_rows), "text_embeddings": len(text),
+                       "noise_floor": noise_floor, "layers": rows}, os.path.join(out_dir, "statistics.json"))
     header = ["layer"] + list(COLUMNS.values())
     table = [[f"{r['layer']}" + (" (default)" if r["layer"] == default_layer else "")] + [r[c] for c in COLUMNS]
              for r in rows]
-    write_csv(os.path.join(out_dir, "statistics.csv"), header, table)
+    # the distances a layer from the default layer's own distribution gets: smaller differences are noise
+    table.append(["noise floor"] + [noise_floor.get(c) for c in COLUMNS])
+    atomic_write(os.path.join(out_dir, "statistics.csv"), lambda tmp: write_csv(tmp, header, table))
     md = markdown_table(header, table)
-    with open(os.path.join(out_dir, "statistics.md"), "w") as f:
-        f.write(md)
+    atomic_write(os.path.join(out_dir, "statistics.md"), lambda tmp: Path(tmp).write_text(md))
     print(md)
     name = os.path.basename(os.path.normpath(init_from))
     panels = [{"title": title, "mark": default_layer, "series": {name: [(r["layer"], r[c]) for r in rows]}}
               for c, title in COLUMNS.items()]
-    line_plot(panels, os.path.join(out_dir, "statistics.png"), columns=4)
+    atomic_write(os.path.join(out_dir, "statistics.png"), lambda tmp: line_plot(panels, tmp, columns=4))
     print(f"wrote {out_dir}/features.safetensors, statistics.json, statistics.csv, statistics.md, statistics.png")
 
 
 if __name__ == "__main__":
-    exec(open("configurator.py").read())
-    main()
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+    try:
+        main()
+    except ValueError as e:  # model.InputError is one: a bad input, said in one line
+        sys.exit(f"error: {e}")

@@ -24,8 +24,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from model import (VLM, InputError, add_lora, fit_prompt, load_image, load_tokenizer, lora_state_dict,
-                   merge_lora, preprocess_image, resolve_checkpoint, save_lora)
+from model import (VLM, InputError, add_lora, atomic_torch_save, check_writable_dir, encode_prompt, fit_prompt,
+                   load_image, load_tokenizer, lora_state_dict, merge_lora, preprocess_image, resolve_checkpoint,
+                   save_lora)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 
@@ -78,8 +79,9 @@ def build_example(tok, cfg, prompt, response, max_len):
     try:
         ids, n_cut = fit_prompt(tok, cfg, prompt, max_len - len(target))
     except InputError:
-        raise InputError(f"the image tokens, chat template and response need more than the context length "
-                         f"{max_len}, even with the whole prompt cut") from None
+        need = len(encode_prompt(tok, cfg, "")) + len(target)
+        raise InputError(f"the image tokens, chat template and response need {need} tokens, more than the context "
+                         f"length {max_len}, even with the whole prompt cut") from None
     return ids + target, [IGNORE_INDEX] * len(ids) + target, n_cut
 
 
@@ -206,6 +208,11 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = False
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None))) and not isinstance(v, type(sys))]
+# what the configurator checks before any work is done
+CONFIG_TYPES = {"image_layer": (type(None), int, list)}
+POSITIVE = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "learning_rate", "max_iters",
+            "eval_interval", "log_interval")
+CHOICES = {"dtype": ("float32", "bfloat16")}
 # resuming with any of these changed would not continue the same run
 RESUME_MUST_MATCH = ("init_from", "data", "image_layer", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
                      "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr", "warmup_iters",
@@ -236,8 +243,6 @@ def main():
         rank, local_rank, world_size, dev = 0, 0, 1, device
     master = rank == 0
     device_type = "cuda" if dev.startswith("cuda") else "cpu"
-    if dtype not in ("float32", "bfloat16"):
-        raise InputError(f"dtype={dtype!r}; expected 'float32' or 'bfloat16' (float16 would need loss scaling)")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     # frozen weights in ptdtype, LoRA weights in float32, matmuls in ptdtype under autocast on CUDA
     ctx = nullcontext() if device_type == "cpu" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
@@ -251,6 +256,8 @@ def main():
             build_smol_sft()
         if ddp:
             torch.distributed.barrier()
+    if master:
+        check_writable_dir(out_dir)
     rows = read_sft_jsonl(data)
     val_rows = read_sft_jsonl(val_data) if val_data else []
     path = resolve_checkpoint(init_from)
@@ -317,8 +324,7 @@ def main():
         save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))  # what the later stages load (--adapter=...)
         ckpt = {"adapter": {k: v.cpu() for k, v in lora_state_dict(vlm).items()},
                 "optimizer": optimizer.state_dict(), "iter_num": it, "config": config}
-        torch.save(ckpt, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
+        atomic_torch_save(ckpt, ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
 
     step_size = batch_size * gradient_accumulation_steps  # examples per process per step
     decay_iters = lr_decay_iters or max_iters
@@ -332,9 +338,12 @@ def main():
         torch.manual_seed(seed_for("dropout", seed, rank, it))  # LoRA dropout masks, the same on resume
         # this process's share of the step's global batch, and the image layer of each example
         mine = slice(rank * step_size, (rank + 1) * step_size)
-        idx = batch_indices(len(train), it, step_size * world_size, seed)[mine]
+        step_idx = batch_indices(len(train), it, step_size * world_size, seed)
+        idx = step_idx[mine]
         layers = draw_layers(image_layer, step_size * world_size, seed, it)[mine]
-        n_target = count_targets([train[i] for i in idx])  # the loss is a mean over all of the step's targets
+        # the loss is a mean over every target token of the step on all ranks; DDP averages the ranks' gradients,
+        # so each rank's summed loss is scaled by world_size / (the step's targets on all ranks)
+        n_target = count_targets([train[i] for i in step_idx]) / world_size
         loss_sum = 0.0
         for micro in range(gradient_accumulation_steps):
             s = slice(micro * batch_size, (micro + 1) * batch_size)
@@ -344,8 +353,17 @@ def main():
             loss.backward()
             loss_sum += loss.item()
             tokens += n_tok * world_size
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        # the gradients are the same on every rank after DDP's all-reduce, and so is the reduced loss: a divergence
+        # stops every rank here, before the step and before any checkpoint could be overwritten
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+        if ddp:
+            loss_t = torch.tensor(loss_sum, device=dev)
+            torch.distributed.all_reduce(loss_t)
+            loss_sum = loss_t.item() / world_size
+        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            pbar.close()
+            raise FloatingPointError(f"iteration {it + 1}: loss {loss_sum}, gradient norm {grad_norm.item()}; stopped "
+                                     f"before the optimizer step, {ckpt_path} holds the last good state")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -372,8 +390,8 @@ def main():
 
 
 if __name__ == "__main__":
-    exec(open("configurator.py").read())
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
         main()
-    except InputError as e:
+    except (InputError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

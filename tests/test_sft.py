@@ -2,6 +2,7 @@
 vision tower, --resume continues the same run, and bad data fails with one line naming file and line."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,41 @@ def test_bad_data_is_one_line_naming_file_and_line(world, tmp_path):
     rc, out, err = run_sft(f"--init_from={world / 'tiny'}", f"--data={cases[0][0]}", f"--out_dir={tmp_path}")
     assert rc == 1 and err.strip().splitlines() == [f"error: {cases[0][0]}:2: not valid JSON (Expecting property "
                                                     "name enclosed in double quotes at column 2)"]
+
+
+def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    use_config(monkeypatch, init_from=str(world / "tiny"), data=str(world / "train.jsonl"), out_dir=str(tmp_path),
+               max_iters=3, eval_interval=1)
+    calls = {"n": 0}
+    real_loss = sft.sft_loss
+
+    def diverging_loss(logits, labels, n_target):  # the second iteration's loss is NaN
+        calls["n"] += 1
+        loss = real_loss(logits, labels, n_target)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(sft, "sft_loss", diverging_loss)
+    with pytest.raises(FloatingPointError, match=r"iteration 2: loss nan.*stopped before the optimizer step"):
+        sft.main()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 1
+    adapter = load_file(tmp_path / "adapter.safetensors")
+    for k, v in adapter.items():
+        assert torch.isfinite(v).all() and torch.equal(v, ckpt["adapter"][k]), k
+
+
+def test_two_ranks_take_the_same_step_as_one_rank_when_response_lengths_differ(world, tmp_path):
+    # EXAMPLES' responses have 4, 2, 3 and 5 tokens: a per-rank token mean would weight the two halves unequally
+    args = [f"--init_from={world / 'tiny'}", f"--data={world / 'train.jsonl'}", "--max_iters=1", "--warmup_iters=0",
+            "--learning_rate=1e-2", "--grad_clip=0.0", "--device=cpu", "--dtype=float32"]
+    rc, _, err = run_sft(*args, "--batch_size=4", f"--out_dir={tmp_path / 'one'}")
+    assert rc == 0, err
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+                        *args, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one, two = (load_file(tmp_path / d / "adapter.safetensors") for d in ("one", "two"))
+    moved = max((one[k] - torch.zeros_like(one[k])).abs().max().item() for k in one if "lora_B" in k)
+    assert moved > 1e-4  # the step did something: LoRA B starts at zero
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5, msg=k)

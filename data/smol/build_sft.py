@@ -28,7 +28,7 @@ sys.path.insert(0, str(here.parent.parent))  # the repository root: model.py, ev
 
 from data.smol.prepare import prepare  # noqa: E402
 from evaluate import is_refusal  # noqa: E402
-from model import VLM, encode_batch, load_image, load_tokenizer  # noqa: E402
+from model import VLM, InputError, encode_batch, load_image, load_tokenizer  # noqa: E402
 
 base_dir = here / "smol-llava-base"
 out_path = here / "sft_train.jsonl"
@@ -122,4 +122,7 @@ def build_smol_sft(seed=0):
 
 
 if __name__ == "__main__":
-    build_smol_sft()
+    try:
+        build_smol_sft()
+    except InputError as e:
+        sys.exit(f"error: {e}")

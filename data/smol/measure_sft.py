@@ -23,7 +23,7 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent.parent))  # the repository root, for model.py and evaluate.py
 
 from evaluate import KEYWORD_JUDGE, is_refusal  # noqa: E402
-from model import VLM, encode_batch, load_image, load_tokenizer  # noqa: E402
+from model import VLM, InputError, encode_batch, load_image, load_tokenizer  # noqa: E402
 
 model = "data/smol/smol-llava"
 out_dir = "out/measure_sft"
@@ -85,4 +85,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")

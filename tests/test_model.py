@@ -144,8 +144,10 @@ def test_per_image_layers_equal_one_layer_at_a_time(ckpt):
     vlm = VLM.from_pretrained(path)
     pv = pixels(3)
     mixed = vlm.vision_features(pv, [1, 4, -2])
+    # float32: a batch of 3 and a batch of 1 may take different BLAS paths (2.4e-7 apart with 2 threads)
     for i, layer in enumerate([1, 4, -2]):
-        assert maxdiff(mixed[i], vlm.vision_features(pv[i:i + 1], layer)[0]) == 0
+        assert maxdiff(mixed[i], vlm.vision_features(pv[i:i + 1], layer)[0]) < 1e-5
+    assert maxdiff(mixed[0], vlm.vision_features(pv[:1], 4)[0]) > 1e-2  # and the layers really differ
 
 
 def test_greedy_generation_equals_transformers_generate(ckpt):

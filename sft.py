@@ -66,6 +66,14 @@ def read_sft_jsonl(paths):
     if not rows:
         raise InputError(f"{paths}: no examples; expected JSON lines "
                          "{\"image\": ..., \"prompt\": ..., \"response\": ...}")
+    first_use = {}
+    for row in rows:
+        first_use.setdefault(row["image"], row["where"])
+    for image, where in first_use.items():  # every image opens now, not as a batch needs it hours later
+        try:
+            load_image(image)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
     return rows
 
 

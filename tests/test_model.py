@@ -459,3 +459,66 @@ def test_logits_at_selected_positions_equal_the_full_logits_there(ckpt):
     with torch.no_grad():
         full, some = vlm(ids, pixel_values=pv), vlm(ids, pixel_values=pv, logits_at=at)
     assert some.shape == (4, full.shape[-1]) and maxdiff(some, full[at]) == 0
+
+
+def test_a_ctrl_c_after_the_rename_leaves_the_new_file_and_no_error_about_the_temp_file(tmp_path, monkeypatch):
+    import model
+    real_replace = os.replace
+
+    def replace_then_interrupt(src, dst):  # the signal lands right after the rename succeeded
+        real_replace(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model.atomic_save_safetensors({"w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+    monkeypatch.undo()
+    assert torch.equal(load_file(tmp_path / "a.safetensors")["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["a.safetensors"]
+
+
+@pytest.mark.parametrize("errno_, words", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_a_failed_write_is_one_line_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch, errno_, words):
+    import model
+    path = tmp_path / "a.safetensors"
+    model.atomic_save_safetensors({"w": torch.ones(2)}, str(path))
+
+    def half_written(tensors, filename, metadata=None):  # a disk that fills up halfway through the file
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr("safetensors.torch.save_file", half_written)
+    with pytest.raises(InputError) as e:
+        model.atomic_save_safetensors({"w": torch.zeros(2)}, str(path))
+    assert str(e.value) == f"{path}: could not be written ({words}); the previous version, if any, is untouched"
+    assert torch.equal(load_file(path)["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["a.safetensors"]
+
+
+def test_a_failed_folder_save_leaves_the_old_folder_and_no_temp_folder(ckpt, tmp_path, monkeypatch):
+    import model
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    vlm.save_pretrained(str(tmp_path / "out"))
+    before = sorted(os.listdir(tmp_path / "out"))
+    monkeypatch.setattr(model, "config_to_hf", lambda cfg: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(InputError, match="out: could not be written"):
+        vlm.save_pretrained(str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == ["out"] and sorted(os.listdir(tmp_path / "out")) == before
+
+
+def test_check_writable_dir_refuses_a_file_and_an_unwritable_folder(tmp_path, monkeypatch):
+    import model
+    (tmp_path / "f").write_text("")
+    with pytest.raises(InputError, match="is a file; expected a folder"):
+        model.check_writable_dir(str(tmp_path / "f"))
+    model.check_writable_dir(str(tmp_path / "new" / "deeper"))  # created on the way
+    assert os.listdir(tmp_path / "new" / "deeper") == []
+
+    def read_only(*args, **kwargs):  # root ignores chmod, so the refusal is simulated
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(model.tempfile, "mkstemp", read_only)
+    with pytest.raises(InputError, match=r"is not writable \(Read-only file system\)"):
+        model.check_writable_dir(str(tmp_path))

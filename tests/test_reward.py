@@ -218,7 +218,7 @@ def run_reward(*args, torchrun=False):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
         else [sys.executable]
     return subprocess.run([*launcher, str(ROOT / "reward.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
 TRAIN_THINGS = ["apples", "bread", "dogs", "foxes", "numbers", "water", "salt", "yeast", "flour", "people",

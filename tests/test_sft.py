@@ -178,6 +178,7 @@ def test_bad_data_is_one_line_naming_file_and_line(world, tmp_path):
         (tmp_path / name).write_text("".join(l + "\n" for l in lines))
         return str(tmp_path / name)
     good = json.dumps({"image": str(world / "images" / "0.png"), "prompt": "w5", "response": "w6"})
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     cases = [
         (write("a.jsonl", good, "{not json"), r"a.jsonl:2: not valid JSON \(Expecting property name"),
         (write("b.jsonl", good, '{"image": "x.png", "prompt": 5, "response": "w6"}'),
@@ -189,6 +190,8 @@ def test_bad_data_is_one_line_naming_file_and_line(world, tmp_path):
         (write("e.jsonl", "", "  "), r"e.jsonl: no examples"),
         (write("f.jsonl", "[1, 2]"), r"f.jsonl:1: expected an object"),
         (str(tmp_path / "missing.jsonl"), r"missing.jsonl: data file not found"),
+        (write("g.jsonl", good, json.dumps({"image": "broken.png", "prompt": "w5", "response": "w6"})),
+         r"g.jsonl:2: .*broken.png: not a readable image \(UnidentifiedImageError\)"),
     ]
     for path, message in cases:
         with pytest.raises(InputError, match=message):

@@ -847,35 +847,12 @@ def load_llama_guard(path, device, dtype):
 
     Returns (model, tokenizer, eos_ids). Only the decoder and lm_head get weights; the vision tower and projector stay
     on the meta device, which is fine because a judge is never given pixel_values."""
-    from safetensors import safe_open
-    from model import VLM, checkpoint_shards, config_from_hf, load_tokenizer, read_json, rope_inv_freq
+    from model import VLM, load_tokenizer, read_json
     config = read_json(os.path.join(path, "config.json"))
     if config.get("model_type") != "llama":
         raise ValueError(f"{path}/config.json: model_type {config.get('model_type')!r}; expected 'llama' "
                          "(Llama Guard 1, 2, 3-1B or 3-8B)")
-    cfg = config_from_hf({"model_type": "llava", "text_config": config, "pad_token_id": config.get("pad_token_id")},
-                         os.path.join(path, "config.json"))
-    cfg.image_token_id = -1  # no image token: every id in a guard prompt is text
-    with torch.device("meta"):
-        guard = VLM(cfg)
-    state = {}
-    for shard in checkpoint_shards(path):
-        with safe_open(shard, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key.startswith("model.") or key == "lm_head.weight":
-                    ours = "language_model." + key[len("model."):] if key.startswith("model.") else key
-                    state[ours] = f.get_tensor(key).to(device=device, dtype=dtype)
-    expected = {k for k in guard.state_dict() if k.startswith(("language_model.", "lm_head."))}
-    if cfg.text.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match a Llama of its config.json (missing {sorted(missing)[:4]}, "
-                         f"unexpected {sorted(unexpected)[:4]})")
-    guard.load_state_dict(state, strict=False, assign=True)
-    if cfg.text.tie_word_embeddings:
-        guard.lm_head.weight = guard.language_model.embed_tokens.weight
-    guard.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
+    guard = VLM.from_pretrained(path, device, dtype)
     tokenizer = load_tokenizer(path)
     # Llama 3 ends a turn with <|eot_id|>, listed with the other stop ids in generation_config.json
     gen_path = os.path.join(path, "generation_config.json")

@@ -16,11 +16,13 @@ checkpoint keys map onto them by stripping a prefix. Also here: LoRA, the PPO va
 generation with a static KV cache, the tokenizer and prompt, and CLIP image preprocessing.
 """
 
+import gzip
+import hashlib
 import json
 import math
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -428,23 +430,26 @@ class LoRALinear(nn.Module):
         return self.base.weight + (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype)
 
 
-def add_lora(vlm, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0):
-    """Wrap the language model's linears named in `targets` with LoRA; freeze everything else but the value head."""
-    for p in vlm.parameters():
+def add_lora(model, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0):
+    """Wrap the linears named in `targets` with LoRA and freeze everything else but a value head. In a VLM only the
+    language model is adapted (CLIP has q_proj/k_proj/v_proj too); any other module is adapted throughout."""
+    for p in model.parameters():
         p.requires_grad_(False)
+    root = model.language_model if isinstance(model, VLM) else model
     n = 0
-    for name, module in list(vlm.language_model.named_modules()):
+    for module in list(root.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
                 n += 1
     if n == 0:
-        raise InputError(f"LoRA targets {list(targets)} match no linear layer of the language model "
-                         "(expected names like q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
-    if vlm.value_head is not None:
-        vlm.value_head.requires_grad_(True)
-    vlm.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
-    return vlm
+        names = sorted({name for name, m in root.named_modules() if isinstance(m, nn.Linear) for name in
+                        [name.rpartition(".")[2]]})
+        raise InputError(f"LoRA targets {list(targets)} match no linear layer (expected names from {', '.join(names)})")
+    if getattr(model, "value_head", None) is not None:
+        model.value_head.requires_grad_(True)
+    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+    return model
 
 
 def lora_modules(vlm):
@@ -676,12 +681,31 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load a llava checkpoint folder (or hub id, when online) without ever holding two copies of the weights."""
+        """Load a llava checkpoint folder (or hub id, when online) without ever holding two copies of the weights.
+
+        A plain Llama checkpoint (the Llama Guard judge) loads as a VLM without an image side: only the decoder and
+        lm_head get weights, the vision tower and projector stay on the meta device and must never be called."""
         path = resolve_checkpoint(path)
-        cfg = config_from_hf(read_json(os.path.join(path, "config.json")), os.path.join(path, "config.json"))
+        where = os.path.join(path, "config.json")
+        d = read_json(where)
+        text_only = d.get("model_type") == "llama"
+        if text_only:
+            d = {"model_type": "llava", "text_config": d, "pad_token_id": d.get("pad_token_id")}
+        cfg = config_from_hf(d, where)
+        if text_only:
+            cfg.image_token_id = -1  # no image token: every id is text
         with torch.device("meta"):
             model = cls(cfg)
-        load_weights(model, path, device, dtype)
+        tied = cfg.text.tie_word_embeddings
+        to_ours = (lambda k: "language_model." + k[6:] if k.startswith("model.") else k) if text_only else from_hf_key
+        rename = lambda k: None if tied and to_ours(k) == "lm_head.weight" else to_ours(k)
+        expected = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")
+                    and (not text_only or k.startswith(("language_model.", "lm_head.")))]
+        load_weights(model, path, rename, device, dtype, expected=expected)
+        if tied:
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+        # the rotary buffer is computed, not stored: rebuild it on the real device
+        model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
         model.source_path = path  # where the tokenizer lives, also when `path` was a hub id
         return model.eval()
 
@@ -729,8 +753,10 @@ KEY_PREFIXES = [
     ("vision_tower.vision_model.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
 ]
-# Present in checkpoints, never used by LLaVA: the pooled-output norm, and buffers older versions saved.
-IGNORED_KEY_ENDINGS = ("post_layernorm.weight", "post_layernorm.bias", "position_ids", "rotary_emb.inv_freq")
+# Present in checkpoints, never used here: CLIP's pooled-output norm, and buffers that are computed, not learned
+# (GPT-2's causal-mask tables, Llama's RoPE table, position ids), which older versions saved.
+IGNORED_KEY_ENDINGS = ("post_layernorm.weight", "post_layernorm.bias", "position_ids", "rotary_emb.inv_freq",
+                       ".attn.bias", ".attn.masked_bias")
 
 
 def from_hf_key(key):
@@ -815,38 +841,39 @@ def _listing(keys, n=8):
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_weights(model, path, device, dtype):
-    """Copy a checkpoint's tensors into `model` (built on the meta device), one tensor at a time."""
-    expected = {k: v for k, v in model.state_dict().items()}
-    tied = model.config.text.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")
-    loaded = {}
-    unexpected = []
+def load_weights(module, path, rename, device, dtype, expected=None, transpose=(), float32=()):
+    """Copy the tensors of checkpoint folder `path` into `module` (built on the meta device), one tensor at a time,
+    so a 7B model never exists twice in memory. The one loader of the VLM, the reward model and the judge.
+
+    rename(checkpoint key) -> the module's key, or None for a tensor the module does not use. `expected`: the keys
+    that must be found (default: all of module.state_dict()); any other key of the module stays as it is. Keys ending
+    in `transpose` are transposed (GPT-2's Conv1D), keys in `float32` are kept in float32."""
+    own = module.state_dict()
+    expected = set(own) if expected is None else set(expected)
+    loaded, unexpected = {}, []
     for shard in checkpoint_shards(path):
         with _open_safetensors(shard) as f:
-            for hf_key in f.keys():
-                key = from_hf_key(hf_key)
-                if key.endswith(IGNORED_KEY_ENDINGS) or (tied and key == "lm_head.weight"):
+            for ckpt_key in f.keys():
+                key = None if ckpt_key.endswith(IGNORED_KEY_ENDINGS) else rename(ckpt_key)
+                if key is None:
                     continue
-                if key not in expected:
-                    unexpected.append(hf_key)
+                if key not in own:
+                    unexpected.append(ckpt_key)
                     continue
-                t = f.get_tensor(hf_key)
-                if t.shape != expected[key].shape:
-                    raise InputError(f"{shard}: {hf_key} has shape {tuple(t.shape)}, expected "
-                                     f"{tuple(expected[key].shape)} from config.json")
-                loaded[key] = t.to(device=device, dtype=dtype)
+                t = f.get_tensor(ckpt_key)
+                if transpose and ckpt_key.endswith(transpose):
+                    t = t.t()
+                if t.shape != own[key].shape:
+                    raise InputError(f"{shard}: {ckpt_key} has shape {tuple(t.shape)}, expected "
+                                     f"{tuple(own[key].shape)} from config.json")
+                loaded[key] = t.to(device=device, dtype=torch.float32 if key in float32 else dtype)
     if unexpected:
         raise InputError(f"{path}: unexpected weights {_listing(unexpected)}")
-    missing = set(expected) - set(loaded)
+    missing = expected - set(loaded)
     if missing:
         raise InputError(f"{path}: missing weights {_listing(missing)}")
-    model.load_state_dict(loaded, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.language_model.embed_tokens.weight
-    # the rotary buffer is computed, not stored: rebuild it on the real device
-    model.language_model.inv_freq = rope_inv_freq(model.config.text).to(device)
+    module.load_state_dict(loaded, strict=False, assign=True)
+    return loaded
 
 
 def _write_error(path, e):
@@ -1065,6 +1092,92 @@ def preprocess_image(image, size, pad_to_square=False):
     x = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] * (1 / 255)
     x = (x - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+@torch.no_grad()
+def generate_responses(vlm, tok, rows, layer=None, max_new_tokens=64, temperature=0.0, top_p=1.0, batch_size=16,
+                       generator=None, max_len=None, ctx=None, return_finished=False):
+    """The model's response text to each {"prompt", "image": path or None} row, decoded up to its first EOS.
+
+    `layer` is the image layer of every row (None: the checkpoint's default) or a list, one per row; temperature 0
+    is greedy. With return_finished, also whether each response ended with EOS rather than running out of tokens."""
+    texts, finished = [], []
+    eos = tok.eos_token_id
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        images = [load_image(r["image"]) for r in chunk] if chunk[0]["image"] else None
+        batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], images,
+                             device=vlm.lm_head.weight.device, max_len=max_len)
+        layers = layer[i:i + batch_size] if isinstance(layer, (list, tuple)) else layer
+        with ctx or nullcontext():
+            tokens, _ = vlm.generate(**batch, image_layer=layers, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, eos_token_id=eos, generator=generator)
+        for row in tokens.tolist():
+            # generate pads after EOS with pad_token_id, a real token in some vocabularies: cut at the EOS
+            end = row.index(eos) if eos in row else len(row)
+            texts.append(tok.decode(row[:end], skip_special_tokens=True))
+            finished.append(eos in row)
+    return (texts, finished) if return_finished else texts
+
+
+# -----------------------------------------------------------------------------
+# Stage plumbing: data files, DDP, precision, seeds. Every stage script uses these the same way.
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSONL file; a missing file or a line that is not a JSON object is an InputError
+    naming the file and line. Blank lines are skipped."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    rows = []
+    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object, got a JSON {type(obj).__name__}")
+            rows.append((n, obj))
+    return rows
+
+
+def compute_init(device):
+    """(ddp, rank, local_rank, world_size, device): the same script runs under `python` and under `torchrun`, where
+    each rank gets its own GPU. TF32 matmuls are allowed on CUDA."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if not ddp:
+        return False, 0, 0, 1, device
+    import torch.distributed as dist
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    return True, rank, local_rank, world_size, device
+
+
+def autocast(device, dtype):
+    """The precision context: plain float32 on the CPU; on CUDA, matmuls in `dtype` while the weights LoRA trains
+    stay float32."""
+    if not device.startswith("cuda"):
+        return nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.amp.autocast(device_type="cuda", dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+
+
+def seed_for(*key):
+    """A seed determined by `key` alone, e.g. ("rollout", seed, rank, iteration): every random draw of a run is
+    named, so a resumed run draws exactly what the uninterrupted run drew."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+
+
+def generator_for(*key, device="cpu"):
+    """A torch.Generator seeded with seed_for(*key)."""
+    return torch.Generator(device=device).manual_seed(seed_for(*key))
 
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ bottom:
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (GPT2_CONV1D_WEIGHTS, GPT2Model, InputError, LlamaModel, LoRALinear, VLM, VLMConfig,
-                   _open_safetensors, atomic_folder, atomic_save_safetensors, build_mask, check_writable_dir,
-                   checkpoint_shards, config_from_hf, config_to_hf, gpt2_config_from_hf, gpt2_config_to_hf,
-                   load_tokenizer, read_json, resolve_checkpoint, rope_inv_freq)
+                   atomic_folder, atomic_save_safetensors, build_mask, check_writable_dir, config_from_hf,
+                   config_to_hf, gpt2_config_from_hf, gpt2_config_to_hf, load_tokenizer, load_weights, read_json,
+                   resolve_checkpoint, rope_inv_freq)
 
 # -----------------------------------------------------------------------------
 # Bradley-Terry loss
@@ -172,8 +173,6 @@ def gpt2_tiktoken_encoding(folder):
 # what a checkpoint folder's tokenizer may consist of; save_pretrained copies whichever exist
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-# buffers some checkpoints carry, computed rather than learned: GPT-2's causal-mask tables, Llama's RoPE table
-IGNORED_KEY_ENDINGS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
 def llama_config_from_hf(d, where):
@@ -340,37 +339,26 @@ class RewardModel(nn.Module):
 
 
 def load_reward_weights(rm, path, device, dtype, init_head):
-    """Copy a checkpoint's tensors into rm (built on the meta device) by name, one tensor at a time."""
+    """Load a GPT-2 or Llama checkpoint into rm (built on the meta device) with model.py's loader."""
     prefix = "transformer." if rm.model_type == "gpt2" else "model."
-    expected = rm.state_dict()
-    loaded, unexpected = {}, []
-    for shard in checkpoint_shards(path):
-        with _open_safetensors(shard) as f:
-            for hf_key in f.keys():
-                if hf_key.endswith(IGNORED_KEY_ENDINGS) or hf_key == "lm_head.weight":
-                    continue  # the language-model head is not part of a reward model
-                # GPT2Model checkpoints have bare keys, the *LMHeadModel / *ForSequenceClassification ones a prefix
-                key = "head.weight" if hf_key == "score.weight" else "backbone." + hf_key.removeprefix(prefix)
-                if key not in expected:
-                    unexpected.append(hf_key)
-                    continue
-                t = f.get_tensor(hf_key)
-                if rm.model_type == "gpt2" and hf_key.endswith(GPT2_CONV1D_WEIGHTS):
-                    t = t.t()  # Conv1D [in, out] -> nn.Linear [out, in]
-                if t.shape != expected[key].shape:
-                    hint = " (a reward model has one output, num_labels=1)" if key == "head.weight" and t.shape[0] != 1 else ""
-                    raise InputError(f"{shard}: {hf_key} has shape {tuple(t.shape)}, expected "
-                                     f"{tuple(expected[key].shape)} from config.json{hint}")
-                loaded[key] = t.to(device=device, dtype=torch.float32 if key == "head.weight" else dtype)
-    if unexpected:
-        raise InputError(f"{path}: unexpected weights {', '.join(sorted(unexpected)[:8])}")
-    if init_head and "head.weight" not in loaded:
-        loaded["head.weight"] = torch.zeros(expected["head.weight"].shape, device=device)  # every text scores 0 at first
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
-        raise InputError(f"{path}: missing weights {', '.join(missing[:8])}" + (f" ... ({len(missing)} in all)"
-                                                                              if len(missing) > 8 else ""))
-    rm.load_state_dict(loaded, strict=False, assign=True)
+
+    def rename(key):
+        if key == "lm_head.weight":
+            return None  # the language-model head is not part of a reward model
+        # GPT2Model checkpoints have bare keys, the *LMHeadModel / *ForSequenceClassification ones a prefix
+        return "head.weight" if key == "score.weight" else "backbone." + key.removeprefix(prefix)
+
+    expected = [k for k in rm.state_dict() if not (init_head and k == "head.weight")]
+    try:
+        loaded = load_weights(rm, path, rename, device, dtype, expected=expected, float32=("head.weight",),
+                              transpose=GPT2_CONV1D_WEIGHTS if rm.model_type == "gpt2" else ())
+    except InputError as e:
+        if re.search(r"score\.weight has shape \((?!1,)", str(e)):  # a classifier with several labels
+            raise InputError(f"{e} (a reward model has one output, num_labels=1)") from None
+        raise
+    if "head.weight" not in loaded:  # a language model: every text scores 0 at first
+        rm.head = nn.Linear(rm.head.in_features, 1, bias=False, device=device, dtype=torch.float32)
+        nn.init.zeros_(rm.head.weight)
     if rm.model_type == "llama":  # the rotary table is computed, not stored: rebuild it on the real device
         rm.backbone.inv_freq = rope_inv_freq(rm.config).to(device)
 

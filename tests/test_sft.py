@@ -232,8 +232,10 @@ def test_two_ranks_take_the_same_step_as_one_rank_when_response_lengths_differ(w
                         *args, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"], capture_output=True, text=True,
                        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    one, two = (load_file(tmp_path / d / "adapter.safetensors") for d in ("one", "two"))
-    moved = max((one[k] - torch.zeros_like(one[k])).abs().max().item() for k in one if "lora_B" in k)
-    assert moved > 1e-4  # the step did something: LoRA B starts at zero
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5, msg=k)
+    # the step's gradient, read from AdamW's first moment (0.1 g after one step): Adam's own update, g / (|g| + eps),
+    # would turn float noise in near-zero gradients into whole steps
+    one, two = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["optimizer"]["state"] for d in ("one", "two"))
+    assert one.keys() == two.keys() and len(one) > 0
+    assert max(one[i]["exp_avg"].abs().max().item() for i in one) > 1e-4  # a real gradient, not zeros
+    for i in one:
+        torch.testing.assert_close(two[i]["exp_avg"], one[i]["exp_avg"], rtol=1e-4, atol=1e-9, msg=f"parameter {i}")

@@ -1,14 +1,5 @@
-# The paper's reward model: GPT-2 large with a scalar head, Bradley-Terry on Anthropic HH-RLHF harmless-base
-# (Bai et al. 2022; the paper: "we use the reward model GPT2 architectures"). One GPU, or torchrun for several:
-#   torchrun --standalone --nproc_per_node=8 reward.py config/gpt2_hh_rm.py
-# Fetch on a machine with network (nothing is downloaded at run time), then copy both folders here:
-#   hf download openai-community/gpt2-large config.json model.safetensors vocab.json merges.txt \
-#       tokenizer.json tokenizer_config.json --local-dir checkpoints/gpt2-large
-#   mkdir -p data/hh-rlhf/harmless-base && for s in train test; do curl -L -o data/hh-rlhf/harmless-base/$s.jsonl.gz \
-#       https://github.com/anthropics/hh-rlhf/raw/master/harmless-base/$s.jsonl.gz; done
-# (42.5k train / 2.3k test pairs, MIT.) The paper likely used the released Ray2333/gpt2-large-harmless-reward_model
-# (GPT-2 large on this split, 73.7% test accuracy); to use it instead of training, download it the same way and pass
-# its folder to lppo.py --reward_model=... or evaluate.py --reward_model=...
+# The paper's reward model: GPT-2 large with a scalar head, Bradley-Terry on HH-RLHF harmless-base (what to fetch:
+# docs/real-checkpoints.md). Run: torchrun --standalone --nproc_per_node=8 reward.py config/gpt2_hh_rm.py
 init_from = "checkpoints/gpt2-large"
 train_file = "data/hh-rlhf/harmless-base/train.jsonl.gz"
 test_file = "data/hh-rlhf/harmless-base/test.jsonl.gz"

@@ -1,15 +1,5 @@
 # The paper's setting: L-PPO on LLaVA-1.5-7B with the image features of CLIP layer 5 (ICET-5).
-# Run: torchrun --standalone --nproc_per_node=8 lppo.py config/llava15_l5.py
-#
-# What to fetch (on a machine with network; or let the hub ids download when online):
-#   hf download llava-hf/llava-1.5-7b-hf --local-dir checkpoints/llava-1.5-7b-hf
-#   hf download Ray2333/gpt2-large-harmless-reward_model --local-dir checkpoints/gpt2-large-harmless-rm
-#     (the GPT-2-large RM trained on HH-RLHF harmless that the paper most likely used; or train your own with
-#      python reward.py config/gpt2_hh_rm.py)
-#   JailBreakV-28K (its RedTeam-2K prompts) and a folder of benign images, paired and written as JSONL by
-#     python evaluate.py --dataset=jailbreakv --data_path=JailBreakV_28K/RedTeam_2K/RedTeam_2K.csv \
-#         --pair_image_dir=<benign images> --prompts_only --out_dir=data/redteam2k
-#   then split data/redteam2k/prompts.jsonl into train.jsonl and test.jsonl.
+# Run: torchrun --standalone --nproc_per_node=8 lppo.py config/llava15_l5.py   (what to fetch: docs/real-checkpoints.md)
 init_from = "llava-hf/llava-1.5-7b-hf"
 reward_model = "checkpoints/gpt2-large-harmless-rm"
 prompt_files = ["data/redteam2k/train.jsonl"]

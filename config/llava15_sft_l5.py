@@ -1,19 +1,9 @@
-# The layer-wise SFT baseline (the paper's Appendix L; a reviewer's "why RL rather than plain SFT?"): LoRA SFT of
-# LLaVA-1.5-7B with the image features of CLIP layer 5 (ICET-5), the layer L-PPO is run at in config/llava15_l5.py.
-# Run: torchrun --standalone --nproc_per_node=8 sft.py config/llava15_sft_l5.py   (or python sft.py ... on one GPU)
-#
-# data: a JSONL you prepare, one example a line, {"image": path (relative to the JSONL's folder), "prompt": ...,
-# "response": ...}, e.g.
-#   - each RedTeam-2K request of the L-PPO training split, with its JailBreakV-28K image, and a refusal as response
-#     ("I'm sorry, but I cannot assist with that request."; vary the wording, or the model learns one string), and
-#   - about as many benign (image, question) pairs (e.g. LLaVA-Instruct-150K or VQA-v2 train) with the model's own
-#     answers at the default layer as responses, so that utility is kept (data/smol/build_sft.py does both for the
-#     smol world). Keep every evaluation prompt out of it.
-# image_layer = [1, 2, ..., 23] instead of 5 gives the reviewer's variant: one random layer per example.
+# The layer-wise SFT baseline (the paper's Appendix L): LoRA SFT of LLaVA-1.5-7B at CLIP layer 5 (ICET-5), the
+# layer of config/llava15_l5.py. Run: torchrun --standalone --nproc_per_node=8 sft.py config/llava15_sft_l5.py
 init_from = "llava-hf/llava-1.5-7b-hf"  # or the folder from `hf download llava-hf/llava-1.5-7b-hf --local-dir ...`
-data = "data/llava_sft/train.jsonl"
+data = "data/llava_sft/train.jsonl"  # {"image", "prompt", "response"} a line: see docs/real-checkpoints.md
 out_dir = "out/sft-llava15-l5"
-image_layer = 5
+image_layer = 5  # a list, e.g. list(range(1, 24)), draws one layer per example: the reviewer's variant
 
 lora_r = 16
 lora_alpha = 32

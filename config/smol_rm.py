@@ -1,15 +1,11 @@
-# The smol world's reward model: SmolLM2-135M-Instruct (the language model of data/smol/smol-llava-base) with a
-# scalar head, trained to prefer refusals of harmful prompts and answers to benign ones.
-# python reward.py config/smol_rm.py  -> out/smol-rm/ (lppo.py's default reward_model)
-# The base folder and the preference pairs (data/smol/build_preferences.py, 288 s) are built on first use.
-# Measured: 94.8% pairwise accuracy on the 97 held-out pairs (91.8% harmful, 97.9% benign), trained in 453 s on 2 CPU
-# cores; one answer per training prompt (222 pairs) gave 92.8%.
+# The smol world's reward model: SmolLM2-135M-Instruct with a scalar head, preferring refusals of harmful prompts
+# and answers to benign ones (pairs from data/smol/build_preferences.py, built on first use; results: docs/).
+# Run: python reward.py config/smol_rm.py  -> out/smol-rm/ (lppo.py's default reward_model)
 init_from = "data/smol/smol-llava-base"
 train_file = "data/smol/prefs_train.jsonl"
 test_file = "data/smol/prefs_test.jsonl"
 out_dir = "out/smol-rm"
-# whether a refusal is right depends on the prompt, and a few hundred pairs teach that only if every layer may adapt:
-# the head alone (a linear probe) or the last 4 blocks fit the training pairs but stop near 85% held out
+# whether a refusal is right depends on the prompt: with a few hundred pairs, every layer must adapt
 train_mode = "lora"
 lora_r = 16
 lora_alpha = 32

@@ -1,13 +1,6 @@
-# The smol world's safety stage: LoRA SFT of smol-llava-base at its default image layer (-2) on refusals of the
-# harmful TRAIN requests and the base model's own answers to the benign ones, each shown with 3 images
-# (data/smol/build_sft.py), merged into data/smol/smol-llava/, the aligned model every later smol stage starts from.
-# Run: python sft.py config/smol_sft.py   (~17 min on 2 free CPU cores, plus ~100 s to build the data on first use)
-# Measured (python data/smol/measure_sft.py, the held-out prompts, default layer): 90% of harmful requests refused
-# greedy (90% at T=0.7); 10.4% of benign ones over-refused (12.5% at T=0.7). Before it SmolLM2 refused 22% / 8%.
-# Tried, same data but before the benign refusals were resampled (greedy / T=0.7, harmful refused; benign refused):
-#   170 iterations: 90 / 84; 21 / 21     272: 88 / 88; 12.5 / 16.7     340: 90 / 90; 14.6 / 12.5
-# and with the resampled data at 408 iterations: 88 / 84; 6.2 / 6.2 (refuses less of both; 340 is the closer miss)
-# A low rank generalized best of the settings tried on the earlier, smaller data (r=16, 150 steps: 90% / 29%).
+# The smol world's safety stage: LoRA SFT of smol-llava-base at its default image layer on refusals of the harmful
+# TRAIN requests and the base model's answers to the benign ones (data/smol/build_sft.py), merged into smol-llava/.
+# Run: python sft.py config/smol_sft.py   (results, and the runs that chose these settings: docs/)
 init_from = "data/smol/smol-llava-base"
 data = "data/smol/sft_train.jsonl"
 out_dir = "out/smol-sft"

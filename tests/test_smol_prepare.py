@@ -172,21 +172,29 @@ def test_benign_answers_that_are_refusals_are_sampled_again_and_dropped_if_every
     sampled non-refusal, and a request refused on every try is left out (None), never taught as a refusal."""
     import data.smol.build_sft as build_sft
     rows = [{"prompt": p} for p in ("soup", "kill time", "steal the show")]
-    calls = []
+    greedy = {"soup": "Boil water.", "kill time": "I'm sorry, but I can't help with that.",
+              "steal the show": "I cannot help with that."}
+    # each request's answers on its 1st, 2nd, ... sampled try: asking an answered one again would change its answer
+    sampled = {"soup": ["As an AI, I cannot."], "kill time": ["Read a book.", "I'm sorry, I can't."],
+               "steal the show": ["As an AI, I cannot."] * 3}
+    asked_greedy, asked_sampled = [], []
 
     def fake_answers(vlm, tok, chunk, temperature=0.0, generator=None, desc=""):
-        calls.append(([r["prompt"] for r in chunk], temperature))
+        prompts = [r["prompt"] for r in chunk]
         if temperature == 0.0:
-            return ["Boil water.", "I'm sorry, but I can't help with that.", "I cannot help with that."]
-        # the first resample answers "kill time"; "steal the show" is refused every time
-        return ["Read a book." if r["prompt"] == "kill time" and len(calls) == 2 else "As an AI, I cannot."
-                for r in chunk]
+            asked_greedy.extend(prompts)
+            return [greedy[p] for p in prompts]
+        tries = [asked_sampled.count(p) for p in prompts]
+        asked_sampled.extend(prompts)
+        return [sampled[p][n] for p, n in zip(prompts, tries)]
     monkeypatch.setattr(build_sft, "model_answers", fake_answers)
     monkeypatch.setattr(build_sft, "resample_tries", 3)
     answers = build_sft.answers_without_refusals(None, None, rows, seed=0)
     assert answers == ["Boil water.", "Read a book.", None]
-    assert calls == [(["soup", "kill time", "steal the show"], 0.0), (["kill time", "steal the show"], 0.7),
-                     (["steal the show"], 0.7), (["steal the show"], 0.7)]
+    assert sorted(asked_greedy) == ["kill time", "soup", "steal the show"]  # every request answered greedily once
+    # only requests still refused are sampled again, each until it is answered or its tries run out
+    assert "soup" not in asked_sampled and asked_sampled.count("kill time") == 1
+    assert asked_sampled.count("steal the show") == build_sft.resample_tries
 
 
 # -----------------------------------------------------------------------------

@@ -43,6 +43,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from model import read_prompt_jsonl
+
 # -----------------------------------------------------------------------------
 # VQA-v2 accuracy, as the official evaluation code computes it (GT-Vision-Lab/VQA, vqaEval.py at c4e6a0e). The tables
 # are copied verbatim, oddities included: the metric is defined by this code, not by the prose describing it.
@@ -440,28 +442,6 @@ def run_resumable(path, todo, key, compute, batch_size, desc):
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 VQA_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA's short-answer instruction
-
-
-def read_prompt_jsonl(path, image_root=""):
-    """The project's prompt sets: one {"prompt": str, "image": path or null, "id": optional} per line, image paths
-    relative to image_root (default: the file's folder)."""
-    root = Path(image_root or Path(path).parent)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                obj = None
-            if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
-                    and isinstance(obj.get("image"), (str, type(None)))):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'prompt' and a string or "
-                                 f"null 'image', got {line.strip()[:80]}")
-            rows.append({"id": str(obj.get("id", f"{Path(path).stem}:{lineno}")), "prompt": obj["prompt"],
-                         "image": os.path.normpath(root / obj["image"]) if obj.get("image") else None})
-    return rows
 
 
 def read_csv_rows(path, required):

@@ -445,7 +445,8 @@ if __name__ == "__main__":
                 subprocess.run([sys.executable, "sft.py", "config/smol_sft.py"], cwd=here, check=True)
             if ddp:
                 dist.barrier()
-        from evaluate import is_refusal, read_prompt_jsonl
+        from evaluate import is_refusal
+        from model import read_prompt_jsonl
         from reward import RewardModel, ensure_smol_reward_model
 
         vlm = VLM.from_pretrained(init_from, device=device, dtype=ptdtype if device_type == "cuda" else torch.float32)

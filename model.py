@@ -1144,6 +1144,31 @@ def read_jsonl(path):
     return rows
 
 
+def read_prompt_jsonl(path, image_root=""):
+    """The project's prompt sets: one {"prompt": str, "image": path or null, "id": optional} per line, image paths
+    relative to image_root (default: the file's folder). A row without an id is named file-stem:line."""
+    root = image_root or os.path.dirname(str(path))
+    rows = []
+    for n, obj in read_jsonl(path):
+        if not (isinstance(obj.get("prompt"), str) and isinstance(obj.get("image"), (str, type(None)))):
+            raise InputError(f"{path}:{n}: expected a string 'prompt' and a string or null 'image', got "
+                             f"{json.dumps(obj)[:80]}")
+        stem = os.path.splitext(os.path.basename(str(path)))[0]
+        rows.append({"id": str(obj.get("id", f"{stem}:{n}")), "prompt": obj["prompt"],
+                     "image": os.path.normpath(os.path.join(root, obj["image"])) if obj.get("image") else None})
+    return rows
+
+
+def get_lr(it, lr, warmup_iters, decay_iters, min_lr):
+    """Linear warmup, then cosine decay from lr to min_lr at decay_iters (nanoGPT's schedule)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
 def compute_init(device):
     """(ddp, rank, local_rank, world_size, device): the same script runs under `python` and under `torchrun`, where
     each rank gets its own GPU. TF32 matmuls are allowed on CUDA."""

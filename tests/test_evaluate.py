@@ -315,7 +315,7 @@ def test_read_prompt_jsonl():
 
 
 def test_read_prompt_jsonl_names_the_bad_line():
-    with pytest.raises(ValueError, match=r"bad_prompts.jsonl:2: expected a JSON object with a string 'prompt'"):
+    with pytest.raises(ValueError, match=r"bad_prompts.jsonl:2: expected a string 'prompt' and a string or null 'image'"):
         read_prompt_jsonl(FIXTURES / "bad_prompts.jsonl")
 
 

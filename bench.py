@@ -142,26 +142,26 @@ opt = torch.optim.AdamW(params, lr=settings["learning_rate"], eps=1e-5, fused=de
 ctx = torch.amp.autocast(device, dtype=dtype, enabled=device == "cuda")
 if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
-batch = {"input_ids": ids[:B], "attention_mask": mask[:B], "pixel_values": pixels[:B]}
-layers = torch.full((B,), image_layer)
+ro = {"input_ids": ids[:B], "attention_mask": mask[:B], "pixel_values": pixels[:B], "layers": torch.full((B,), image_layer)}
 gen = torch.Generator(device=device).manual_seed(seed)
 t0 = time.perf_counter()
 with torch.no_grad(), ctx:
-    (tokens, _), t_roll = timed(lambda: vlm.generate(**batch, image_layer=layers, max_new_tokens=settings["max_new_tokens"],
-                                                     temperature=settings["temperature"], generator=gen))
-resp_mask = torch.ones_like(tokens)  # random weights never say EOS: every response is full length, the worst case
+    (tokens, _), t_roll = timed(lambda: vlm.generate(ro["input_ids"], ro["attention_mask"], ro["pixel_values"], ro["layers"],
+                                                     settings["max_new_tokens"], settings["temperature"], generator=gen))
+ro["tokens"] = tokens
+ro["mask"] = torch.ones_like(tokens)  # random weights never say EOS: every response is full length, the worst case
 rm_ids = torch.randint(0, 50256, (B, 60 + tokens.shape[1]), device=device)  # a text-only HH transcript
 with torch.no_grad(), ctx:
     scores, t_score = timed(lambda: rm(rm_ids))
-(old_lp, old_v, ref_lp), t_ref = timed(lambda: score_rollout(vlm, batch, tokens, resp_mask, layers,
-                                                               settings["temperature"], micro, ctx))
-rewards, kl = compute_rewards(scores.float(), old_lp, ref_lp, resp_mask, settings["kl_coef"])
-adv, ret = compute_gae(rewards, old_v, resp_mask, 1.0, 0.95)
-adv = masked_whiten(adv, resp_mask)
-_, t_update = timed(lambda: ppo_update(vlm, params, opt, batch, tokens, resp_mask, layers, old_lp, old_v, adv, ret,
-                                       ppo_epochs=settings["ppo_epochs"], minibatch_size=mb, micro_batch_size=micro,
-                                       clip_eps=0.2, clip_eps_v=0.2, vf_coef=0.1, grad_clip=1.0,
-                                       temperature=settings["temperature"], seed=seed, ctx=ctx))
+(ro["old_logprobs"], ro["old_values"], ref_lp), t_ref = timed(lambda: score_rollout(vlm, ro, settings["temperature"],
+                                                                                    micro, ctx))
+rewards, kl = compute_rewards(scores.float(), ro["old_logprobs"], ref_lp, ro["mask"], settings["kl_coef"])
+adv, ro["returns"] = compute_gae(rewards, ro["old_values"], ro["mask"], 1.0, 0.95)
+ro["advantages"] = masked_whiten(adv, ro["mask"])
+_, t_update = timed(lambda: ppo_update(vlm, opt, ro, ppo_epochs=settings["ppo_epochs"], minibatch_size=mb,
+                                       micro_batch_size=micro, clip_eps=0.2, clip_eps_v=0.2, vf_coef=0.1, grad_clip=1.0,
+                                       temperature=settings["temperature"],
+                                       generator=torch.Generator().manual_seed(seed), ctx=ctx))
 report(what="lppo_iteration", config="config/llava15_l5.py", rollouts=B, new_tokens=tokens.shape[1],
        seq_len=ids.shape[1] + tokens.shape[1], ppo_epochs=settings["ppo_epochs"], rollout_s=t_roll, score_s=t_score,
        ref_and_values_s=t_ref, update_s=t_update, total_s=time.perf_counter() - t0,

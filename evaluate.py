@@ -40,10 +40,11 @@ import urllib.request
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from model import read_prompt_jsonl
+from model import (IMAGE_SUFFIXES, VLM, InputError, atomic_write, atomic_write_json, check_writable_dir,
+                   generate_responses, left_pad, line_plot, load_lora, load_tokenizer, markdown_table,
+                   open_images, prompt_room, read_json, read_jsonl, read_prompt_jsonl, write_csv)
 
 # -----------------------------------------------------------------------------
 # VQA-v2 accuracy, as the official evaluation code computes it (GT-Vision-Lab/VQA, vqaEval.py at c4e6a0e). The tables
@@ -116,7 +117,7 @@ def normalize_vqa_answer(text):
 def vqa_accuracy(prediction, answers):
     """VQA-v2 accuracy in [0, 1]: min(1, #matching humans / 3), averaged over the 10 leave-one-out sets of 9 humans."""
     if not answers:
-        raise ValueError("vqa_accuracy: expected the human answers of the question (10 in VQA-v2), got none")
+        raise InputError("vqa_accuracy: expected the human answers of the question (10 in VQA-v2), got none")
     pred = normalize_vqa_answer(prediction)
     # human answers were normalized at release; the official code only strips their punctuation, and only when they
     # disagree, so a unanimous answer is compared as stored
@@ -134,7 +135,7 @@ def llama_guard_prompt(tokenizer, prompt, response):
     """The judge's input text for the conversation [User: prompt, Agent: response], rendered by the checkpoint's
     chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{tokenizer.name_or_path}: no chat_template; expected a Llama Guard checkpoint, which "
+        raise InputError(f"{tokenizer.name_or_path}: no chat_template; expected a Llama Guard checkpoint, which "
                          "ships its prompt as one")
     # Llama Guard 3 1B / 11B-Vision templates read each content as a list of typed parts and silently drop a plain
     # string, so fall back to parts when the conversation did not make it into the text
@@ -143,7 +144,7 @@ def llama_guard_prompt(tokenizer, prompt, response):
         text = tokenizer.apply_chat_template(chat, tokenize=False)
         if prompt.strip() in text and response.strip() in text:
             return text
-    raise ValueError(f"{tokenizer.name_or_path}: its chat_template left the conversation out of the prompt; "
+    raise InputError(f"{tokenizer.name_or_path}: its chat_template left the conversation out of the prompt; "
                      "expected a Llama Guard template that prints the User and Agent turns")
 
 
@@ -218,27 +219,29 @@ def xstest_refusal(response):
 
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
 PERSPECTIVE_MAX_BYTES = 20_000  # the API's limit per comment
+PERSPECTIVE_RETRIES = 6  # after the first try; the waits between them double from PERSPECTIVE_BACKOFF seconds
+PERSPECTIVE_BACKOFF = 2.0
+PERSPECTIVE_TIMEOUT = 30.0  # seconds per request
 
 
-def perspective_request(text, api_key, url, timeout):
+def perspective_request(text, api_key, url):
     """One comments:analyze call; the TOXICITY summary score in [0, 1]."""
     body = {"comment": {"text": text}, "requestedAttributes": {"TOXICITY": {}}, "languages": ["en"],
             "doNotStore": True}
     request = urllib.request.Request(f"{url}?key={api_key}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as r:
+    with urllib.request.urlopen(request, timeout=PERSPECTIVE_TIMEOUT) as r:
         return float(json.load(r)["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
 
 
-def perspective_toxicity(texts, api_key, url=PERSPECTIVE_URL, cache_path=None, min_interval=1.0, max_retries=6,
-                         backoff=2.0, timeout=30.0):
+def perspective_toxicity(texts, api_key, url, cache_path, min_interval):
     """TOXICITY in [0, 1] for each text from the Perspective API: at most one request per min_interval seconds
-    (the default quota is 1 QPS), exponential backoff on 429, 5xx and network errors, and a cache on disk keyed by
-    the text's SHA-256, so identical answers and reruns cost nothing."""
+    (the default quota is 1 QPS), exponential backoff on 429, 5xx and network errors, and a JSONL cache at
+    cache_path keyed by the text's SHA-256, so identical answers and reruns cost nothing."""
     cache = {}
-    if cache_path and os.path.exists(cache_path):
+    if os.path.exists(cache_path):
         drop_torn_tail(cache_path)
-        cache = {r["sha256"]: r["toxicity"] for r in read_jsonl(cache_path)}
+        cache = {r["sha256"]: r["toxicity"] for _, r in read_jsonl(cache_path)}
     scores, last_call = [], -math.inf
     for text in texts:
         text = text.strip().encode()[:PERSPECTIVE_MAX_BYTES].decode(errors="ignore")
@@ -247,64 +250,59 @@ def perspective_toxicity(texts, api_key, url=PERSPECTIVE_URL, cache_path=None, m
             continue
         key = hashlib.sha256(text.encode()).hexdigest()
         if key not in cache:
-            for attempt in range(max_retries + 1):
+            for attempt in range(PERSPECTIVE_RETRIES + 1):
                 time.sleep(max(0.0, last_call + min_interval - time.monotonic()))
                 last_call = time.monotonic()
                 try:
-                    cache[key] = perspective_request(text, api_key, url, timeout)
+                    cache[key] = perspective_request(text, api_key, url)
                     break
                 except urllib.error.HTTPError as e:
                     if e.code != 429 and e.code < 500:
                         detail = e.read().decode(errors="replace").replace("\n", " ")[:200]
-                        raise RuntimeError(f"Perspective API {url}: HTTP {e.code} ({detail}); expected 200") from None
+                        raise InputError(f"Perspective API {url}: HTTP {e.code} ({detail}); expected 200") from None
                     error = f"HTTP {e.code}"
                 # a dropped connection (ConnectionResetError, RemoteDisconnected) surfaces as a bare OSError or
                 # HTTPException once the request is sent: urllib wraps only errors of the sending in URLError
                 except (OSError, http.client.HTTPException) as e:
                     error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-                if attempt == max_retries:
-                    raise RuntimeError(f"Perspective API {url}: {error} on all {max_retries + 1} tries")
-                time.sleep(backoff * 2 ** attempt)
-            if cache_path:
-                with open(cache_path, "a") as f:
-                    f.write(json.dumps({"sha256": key, "toxicity": cache[key]}) + "\n")
+                if attempt == PERSPECTIVE_RETRIES:
+                    raise InputError(f"Perspective API {url}: {error} on all {PERSPECTIVE_RETRIES + 1} tries")
+                time.sleep(PERSPECTIVE_BACKOFF * 2 ** attempt)
+            with open(cache_path, "a") as f:
+                f.write(json.dumps({"sha256": key, "toxicity": cache[key]}) + "\n")
         scores.append(cache[key])
     return scores
 
 
-def load_toxicity_classifier(path, device="cpu"):
+def load_toxicity_classifier(path, device):
     """A local transformers sequence classifier and the index of its "toxic" label."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
     toxic = [i for i, name in model.config.id2label.items() if name.lower() in ("toxic", "toxicity")]
     if not toxic:
-        raise ValueError(f"{path}/config.json: id2label {model.config.id2label} has no 'toxic' label; expected a "
+        raise InputError(f"{path}/config.json: id2label {model.config.id2label} has no 'toxic' label; expected a "
                          "toxicity classifier")
     return tokenizer, model, int(toxic[0])
 
 
 @torch.no_grad()
-def classifier_toxicity(texts, tokenizer, model, toxic_label, batch_size=32):
-    """Probability of the toxic label for each text: sigmoid for multi-label heads, softmax otherwise."""
+def classifier_toxicity(texts, tokenizer, model, toxic_label):
+    """Probability of the toxic label for each text of a batch: sigmoid for multi-label heads, softmax otherwise."""
     multi_label = model.config.problem_type == "multi_label_classification" or model.config.num_labels == 1
-    scores = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, return_tensors="pt")
-        logits = model(**batch.to(model.device)).logits.float()
-        probs = logits.sigmoid() if multi_label else logits.softmax(-1)
-        scores += probs[:, toxic_label].tolist()
-    return scores
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    logits = model(**batch.to(model.device)).logits.float()
+    probs = logits.sigmoid() if multi_label else logits.softmax(-1)
+    return probs[:, toxic_label].tolist()
 
 # -----------------------------------------------------------------------------
 # Utility reward (Table 3's ATR-UT): a DeBERTa reward model, e.g. OpenAssistant/reward-model-deberta-v3-large-v2,
 # that reads the question and the answer as a text pair (its model card's usage) and gives one logit, no image
 
 
-def load_utility_model(path, device="cpu"):
+def load_utility_model(path, device):
     """A local transformers sequence classifier with a single output: the utility reward model."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from model import InputError
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
     if model.config.num_labels != 1:
@@ -314,14 +312,10 @@ def load_utility_model(path, device="cpu"):
 
 
 @torch.no_grad()
-def utility_reward(questions, answers, tokenizer, model, batch_size=32):
-    """The reward of each answer to its question: the logit of the (question, answer) pair encoding."""
-    scores = []
-    for i in range(0, len(questions), batch_size):
-        batch = tokenizer(questions[i:i + batch_size], answers[i:i + batch_size], padding=True, truncation=True,
-                          return_tensors="pt")
-        scores += model(**batch.to(model.device)).logits[:, 0].float().tolist()
-    return scores
+def utility_reward(questions, answers, tokenizer, model):
+    """The reward of each answer of a batch to its question: the logit of the (question, answer) pair encoding."""
+    batch = tokenizer(questions, answers, padding=True, truncation=True, return_tensors="pt")
+    return model(**batch.to(model.device)).logits[:, 0].float().tolist()
 
 # -----------------------------------------------------------------------------
 # Aggregation: per layer, then per layer group as in Table 2
@@ -334,12 +328,12 @@ RATES = ("ASR", "KW-ASR", "ORR")
 GROUPS = ("Early", "Middle", "Late")
 
 
-def wilson_interval(k, n, z=1.96):
-    """The Wilson score interval (lo, hi) in [0, 1] for k successes in n trials (95% for z = 1.96). Unlike p +- z*se
-    it stays inside [0, 1] and does not shrink to a point at k = 0 or k = n."""
+def wilson_interval(k, n):
+    """The 95% Wilson score interval (lo, hi) in [0, 1] for k successes in n trials. Unlike p +- z*se it stays inside
+    [0, 1] and does not shrink to a point at k = 0 or k = n."""
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"wilson_interval: k={k}, n={n}; expected 0 <= k <= n and n > 0")
-    p = k / n
+    z, p = 1.96, k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -399,20 +393,6 @@ def group_metrics(layer_table, num_layers):
 # Resumable JSONL: one line per finished item, so a kill loses at most the line being written
 
 
-def read_jsonl(path):
-    """The objects of a JSONL file; a bad line is an error naming the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: expected one JSON object per line ({e.msg})") from None
-    return rows
-
-
 def drop_torn_tail(path):
     """Cut an unfinished last line, left by a run killed mid-write, so that appending starts on a fresh line."""
     with open(path, "rb+") as f:
@@ -427,7 +407,7 @@ def run_resumable(path, todo, key, compute, batch_size, desc):
     done = {}
     if os.path.exists(path):
         drop_torn_tail(path)
-        done = {key(r): r for r in read_jsonl(path)}
+        done = {key(r): r for _, r in read_jsonl(path)}
     pending = [t for t in todo if key(t) not in done]
     with open(path, "a", encoding="utf-8") as f:
         for i in tqdm(range(0, len(pending), batch_size), desc=desc, disable=not pending):
@@ -440,7 +420,6 @@ def run_resumable(path, todo, key, compute, batch_size, desc):
 # -----------------------------------------------------------------------------
 # Dataset readers: each returns [{"id", "prompt", "image" (a path, or None for text only), ...}]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 VQA_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA's short-answer instruction
 
 
@@ -450,11 +429,11 @@ def read_csv_rows(path, required):
         reader = csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}:1: header {reader.fieldnames} lacks {missing}; expected columns {required}")
+            raise InputError(f"{path}:1: header {reader.fieldnames} lacks {missing}; expected columns {required}")
         for row in reader:
             empty = [c for c in required if not (row.get(c) or "").strip()]
             if empty:
-                raise ValueError(f"{path}:{reader.line_num}: empty {empty}; expected a value in every one of "
+                raise InputError(f"{path}:{reader.line_num}: empty {empty}; expected a value in every one of "
                                  f"{required}")
             yield reader.line_num, row
 
@@ -494,10 +473,10 @@ def pair_images(rows, image_dir, seed):
     """Give every row an image drawn at random (seeded) from image_dir: AdvBench-COCO pairs each AdvBench goal with a
     random MS-COCO image."""
     if not os.path.isdir(image_dir):
-        raise ValueError(f"pair_image_dir={str(image_dir)!r}: not a folder; expected a folder of images")
+        raise InputError(f"pair_image_dir={str(image_dir)!r}: not a folder; expected a folder of images")
     images = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise ValueError(f"{image_dir}: no .jpg or .png images; expected a folder of images to pair prompts with")
+        raise InputError(f"{image_dir}: no .jpg or .png images; expected a folder of images to pair prompts with")
     # a draw per id from (seed, id) alone: a prompt keeps its image whatever subset (limit) it is evaluated in;
     # sha256, not hash(), which Python salts per process
     pick = lambda i: int(hashlib.sha256(repr((seed, i)).encode()).hexdigest(), 16) % len(images)
@@ -506,28 +485,25 @@ def pair_images(rows, image_dir, seed):
 
 def read_vqa(questions_path, annotations_path, image_dir):
     """VQA-v2 questions (official JSON) with their human answers and COCO image paths."""
-    with open(questions_path, encoding="utf-8") as f:
-        questions = json.load(f)
-    with open(annotations_path, encoding="utf-8") as f:
-        annotations = json.load(f)
+    questions, annotations = read_json(questions_path), read_json(annotations_path)
     answers = {}
     for i, a in enumerate(annotations.get("annotations", [])):
         if not (isinstance(a, dict) and "question_id" in a and isinstance(a.get("answers"), list)
                 and all(isinstance(x, dict) and isinstance(x.get("answer"), str) for x in a["answers"])):
-            raise ValueError(f"{annotations_path}: annotations[{i}]: expected 'question_id' and a list of 'answers', "
+            raise InputError(f"{annotations_path}: annotations[{i}]: expected 'question_id' and a list of 'answers', "
                              f"each with a string 'answer'")
         answers[a["question_id"]] = [x["answer"] for x in a["answers"]]
     subtype = questions.get("data_subtype")
     if not isinstance(subtype, str):
-        raise ValueError(f"{questions_path}: no 'data_subtype' (e.g. 'val2014'); expected the official questions JSON")
+        raise InputError(f"{questions_path}: no 'data_subtype' (e.g. 'val2014'); expected the official questions JSON")
     rows = []
     for i, q in enumerate(questions.get("questions", [])):
         if not (isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("image_id"), int)
                 and "question_id" in q):
-            raise ValueError(f"{questions_path}: questions[{i}]: expected 'question_id', an integer 'image_id' and a "
+            raise InputError(f"{questions_path}: questions[{i}]: expected 'question_id', an integer 'image_id' and a "
                              f"string 'question'")
         if q["question_id"] not in answers:
-            raise ValueError(f"{annotations_path}: no annotation for question_id {q['question_id']} "
+            raise InputError(f"{annotations_path}: no annotation for question_id {q['question_id']} "
                              f"(questions[{i}] of {questions_path}); expected the matching annotations file")
         rows.append({"id": str(q["question_id"]), "prompt": q["question"] + VQA_PROMPT_SUFFIX,
                      "image": str(Path(image_dir) / f"COCO_{subtype}_{q['image_id']:012d}.jpg"),
@@ -535,7 +511,7 @@ def read_vqa(questions_path, annotations_path, image_dir):
     return rows
 
 # -----------------------------------------------------------------------------
-# Tables and plots
+# The summary table: Table 2's layout, before and after side by side
 
 
 def summary_table(summary, before=None):
@@ -567,72 +543,6 @@ def rate_cells(header, rows):
         return row[i]
     return [header[i] for i in keep], [[cell(row, i) for i in keep] for row in rows]
 
-
-def markdown_table(header, rows):
-    fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]) + "\n"
-
-
-def write_csv(path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
-
-
-PLOT_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-
-
-def line_plot(panels, path, columns=None, panel_size=(380, 280)):
-    """Panels in a grid (one row unless `columns`) in one PNG, drawn with PIL: each {"title", "series": {name:
-    [(x, y), ...]}, "mark": x or None (a dashed vertical line, e.g. at the default layer)}."""
-    W, H = panel_size
-    columns = columns or len(panels)
-    image = Image.new("RGB", (W * columns, H * math.ceil(len(panels) / columns)), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=13)  # Pillow's own FreeType font; at its default size 10 spaces vanish
-    for k, panel in enumerate(panels):
-        x0, y0 = (k % columns) * W, (k // columns) * H
-        left, top, right, bottom = x0 + 76, y0 + 44, x0 + W - 12, y0 + H - 36
-        draw.text((x0 + W // 2, y0 + 12), panel["title"], fill="black", font=font, anchor="mm")
-        points = [(x, y) for pts in panel["series"].values() for x, y in pts if y is not None]
-        if not points:
-            continue
-        x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-        y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-        x_hi = max(x_hi, x_lo + 1)
-        pad = (y_hi - y_lo) * 0.08 if y_hi - y_lo > 1e-9 else max(1.0, abs(y_hi) * 0.1)  # a flat line sits mid-panel
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-        px = lambda x: left + (x - x_lo) / (x_hi - x_lo) * (right - left)
-        py = lambda y: bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
-        draw.rectangle([left, top, right, bottom], outline="black")
-        decimals = max(0, 1 - math.floor(math.log10((y_hi - y_lo) / 4)))  # enough to tell neighbouring ticks apart
-        for j in range(5):
-            y = y_lo + (y_hi - y_lo) * j / 4
-            draw.line([left - 4, py(y), left, py(y)], fill="black")
-            draw.text((left - 6, py(y)), f"{y:.{decimals}f}", fill="black", font=font, anchor="rm")
-        step = max(1, math.ceil((x_hi - x_lo) / 8))
-        for x in range(math.ceil(x_lo), math.floor(x_hi) + 1, step):
-            draw.line([px(x), bottom, px(x), bottom + 4], fill="black")
-            draw.text((px(x), bottom + 6), str(x), fill="black", font=font, anchor="mt")
-        draw.text(((left + right) // 2, y0 + H - 10), "image-encoder layer", fill="black", font=font, anchor="mm")
-        if panel.get("mark") is not None:
-            for y in range(int(top), int(bottom), 8):
-                draw.line([px(panel["mark"]), y, px(panel["mark"]), min(y + 4, bottom)], fill=(128, 128, 128))
-        for i, (name, pts) in enumerate(panel["series"].items()):
-            color = PLOT_COLORS[i % len(PLOT_COLORS)]
-            xy = [(px(x), py(y)) for x, y in pts if y is not None]
-            if len(xy) > 1:
-                draw.line(xy, fill=color, width=2)
-            for x, y in xy:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-            # the legend goes in a row above the panel, where it can hide no data
-            x = left + 90 * i
-            draw.line([x, y0 + 30, x + 16, y0 + 30], fill=color, width=2)
-            draw.text((x + 20, y0 + 30), name, fill="black", font=font, anchor="lm")
-    image.save(path)
-
 # -----------------------------------------------------------------------------
 # Human evaluation (Appendix H): a blind sheet of responses for raters, its key kept apart, and the agreement of the
 # raters' labels with the automatic judges
@@ -663,20 +573,18 @@ def human_key_path(sheet):
 
 def read_run(run_dir):
     """Every response of a finished evaluate.py run, with the verdicts of the judges its summary.json names."""
-    from model import InputError
     summary_path = os.path.join(run_dir, "summary.json")
     if not os.path.exists(summary_path):
         raise InputError(f"{summary_path}: not found; expected the out_dir of a finished evaluate.py run")
-    with open(summary_path) as f:
-        judges = set(json.load(f)["judges"].values())
+    judges = set(read_json(summary_path)["judges"].values())
     verdicts = {}
     path = os.path.join(run_dir, "judgements.jsonl")
-    for j in read_jsonl(path) if os.path.exists(path) else []:
+    for _, j in read_jsonl(path) if os.path.exists(path) else []:
         if j["judge"] in judges:
             verdicts.setdefault((j["id"], j["layer"]), {}).update(
                 {k: v for k, v in j.items() if k not in ("judge", "id", "layer")})
     return [{**r, "keyword_jailbroken": keyword_jailbroken(r["response"]), **verdicts.get((r["id"], r["layer"]), {})}
-            for r in read_jsonl(os.path.join(run_dir, "responses.jsonl"))]
+            for _, r in read_jsonl(os.path.join(run_dir, "responses.jsonl"))]
 
 
 def sample_for_raters(rows, n, seed):
@@ -700,7 +608,6 @@ def sample_for_raters(rows, n, seed):
 def write_human_sheet(sheet, run_dirs, sample, seed):
     """The raters' CSV (item_id, prompt, image, response and an empty label) with nothing that tells the run, layer
     or judges' verdicts; those go to the key, a separate file the raters never see."""
-    from model import atomic_write, atomic_write_json
     rows = [{**r, "run": d} for d in run_dirs for r in read_run(d)]
     picked = sample_for_raters(rows, sample, seed)
     items = {str(i): {"run": r["run"], "id": r["id"], "layer": r["layer"],
@@ -717,7 +624,6 @@ def write_human_sheet(sheet, run_dirs, sample, seed):
 
 def read_human_labels(sheet, items):
     """{item_id: True for unsafe, False for safe} from a rated sheet: every exported row back, each labelled."""
-    from model import InputError
     labels = {}
     with open(sheet, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -762,12 +668,10 @@ def human_agreement(labels, items):
 
 def import_human_sheet(sheet, out_dir):
     """Read a rated sheet back with its key; print and write out_dir/human_agreement.json."""
-    from model import InputError, atomic_write_json
     for path in (sheet, human_key_path(sheet)):
         if not os.path.exists(path):
             raise InputError(f"{path}: not found; expected the rated sheet of --export_human and its key beside it")
-    with open(human_key_path(sheet)) as f:
-        items = json.load(f)["items"]
+    items = read_json(human_key_path(sheet))["items"]
     table = human_agreement(read_human_labels(sheet, items), items)
     fields = ["run", "judge", "n", "agreement", "kappa", "human_unsafe"]
     print(markdown_table(fields, [[r[k] for k in fields] for r in table]))
@@ -777,40 +681,6 @@ def import_human_sheet(sheet, out_dir):
 
 # -----------------------------------------------------------------------------
 # The model-driven parts: generation and the Llama Guard judge, both on model.py's networks
-
-
-def prompt_room(vlm, tokenizer, items, max_new_tokens):
-    """The tokens a prompt may take: the context less max_new_tokens. Says how many prompts will lose the start of
-    their text to fit (model.fit_prompt); InputError if the answer alone does not fit, or the image and template."""
-    from model import InputError, fit_prompt
-    context = vlm.config.text.max_position_embeddings
-    room = context - max_new_tokens
-    if room <= 0:
-        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
-                         f"{context} tokens; expected fewer")
-    image = items[0]["image"] is not None
-    cut = sum(fit_prompt(tokenizer, vlm.config, it["prompt"], room, image)[1] > 0 for it in items)
-    if cut:
-        print(f"{cut} of {len(items)} prompts are longer than the {room} tokens left by max_new_tokens="
-              f"{max_new_tokens} in the context of {context}: they lose the start of their text")
-    return room
-
-
-def make_generate(vlm, tokenizer, max_new_tokens, temperature, top_p, device, max_len):
-    """compute(batch) for run_resumable: the VLM's response to each {"id", "layer", "prompt", "image"}, a prompt cut
-    from the left to max_len tokens (prompt_room)."""
-    from model import encode_batch, load_image
-
-    def generate(batch):
-        images = [load_image(r["image"]) for r in batch] if batch[0]["image"] else None
-        enc = encode_batch(tokenizer, vlm.config, [r["prompt"] for r in batch], images, device=device,
-                           max_len=max_len)
-        tokens, _ = vlm.generate(enc["input_ids"], enc["attention_mask"], pixel_values=enc["pixel_values"],
-                                 image_layer=[r["layer"] for r in batch], max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, eos_token_id=tokenizer.eos_token_id)
-        texts = decode_until_eos(tokenizer, tokens, [tokenizer.eos_token_id])
-        return [{**r, "response": t} for r, t in zip(batch, texts)]
-    return generate
 
 
 def decode_until_eos(tokenizer, tokens, eos_ids):
@@ -827,10 +697,9 @@ def load_llama_guard(path, device, dtype):
 
     Returns (model, tokenizer, eos_ids). Only the decoder and lm_head get weights; the vision tower and projector stay
     on the meta device, which is fine because a judge is never given pixel_values."""
-    from model import VLM, load_tokenizer, read_json
     config = read_json(os.path.join(path, "config.json"))
     if config.get("model_type") != "llama":
-        raise ValueError(f"{path}/config.json: model_type {config.get('model_type')!r}; expected 'llama' "
+        raise InputError(f"{path}/config.json: model_type {config.get('model_type')!r}; expected 'llama' "
                          "(Llama Guard 1, 2, 3-1B or 3-8B)")
     guard = VLM.from_pretrained(path, device, dtype)
     tokenizer = load_tokenizer(path)
@@ -841,9 +710,8 @@ def load_llama_guard(path, device, dtype):
     return guard.eval(), tokenizer, eos_ids
 
 
-def judge_llama_guard(guard, tokenizer, eos_ids, prompts, responses, max_new_tokens=20):
+def judge_llama_guard(guard, tokenizer, eos_ids, prompts, responses, max_new_tokens):
     """Greedy verdicts, one {"guard_unsafe": bool or None if unparsable, "guard_categories", "guard_output"} each."""
-    from model import left_pad
     # the template writes its own <|begin_of_text|> / <s>, as apply_chat_template(tokenize=True) assumes
     seqs = [tokenizer(llama_guard_prompt(tokenizer, p, r), add_special_tokens=False)["input_ids"]
             for p, r in zip(prompts, responses)]
@@ -860,7 +728,59 @@ def judge_llama_guard(guard, tokenizer, eos_ids, prompts, responses, max_new_tok
     return out
 
 # -----------------------------------------------------------------------------
-# The program. Defaults below; override them with a config file or --key=value (configurator.py).
+# Start-up checks, run before any model loads, and the judges' resumable loop
+
+
+def check_run(path, settings):
+    """Refuse to resume an out_dir whose prompts or responses came from other settings (every key in `settings` that
+    run.json records otherwise). Writes nothing: the caller writes run.json once every check has passed."""
+    if os.path.exists(path):
+        old = read_json(path)
+        changed = [f"{k} was {old.get(k)!r}, now {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise InputError(f"{path}: {'; '.join(changed)}; expected the same settings to resume this out_dir (or a "
+                             "new out_dir)")
+
+
+def check_comparable(before_path, before, now):
+    """Refuse a before/after table of runs that measured different things: another prompt set, or another judge
+    behind a metric both report. `now` is this run's summary, or as much of it as is known (judges come last)."""
+    diffs = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in ("dataset", "data_path", "prompts")
+             if before.get(k) != now[k]]
+    if "ids" not in before:
+        diffs.append("ids not recorded (an older summary.json)")
+    else:
+        only_before = sorted(set(before["ids"]) - set(now["ids"]))
+        only_after = sorted(set(now["ids"]) - set(before["ids"]))
+        if only_before or only_after:
+            diffs.append(f"ids: {len(only_before)} only before {only_before[:3]}, {len(only_after)} only after "
+                         f"{only_after[:3]}")
+    old = before.get("judges", {})
+    diffs += [f"{k} judge {old[k]!r} -> {v!r}" for k, v in now.get("judges", {}).items() if k in old and old[k] != v]
+    if diffs:
+        raise InputError(f"{before_path}: not comparable with this run: {'; '.join(diffs)}; expected the same "
+                         "prompts and judges before and after")
+
+
+def free_memory():
+    """Return the memory of models just deleted, so that only one model is ever loaded."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def judge(path, rows, name, verdicts, batch_size):
+    """Run one judge over every row, resumably, and merge its verdicts into the rows: for each batch of rows not in
+    the JSONL at path yet, verdicts(batch) gives one {field: value} per row, appended under the judge's name."""
+    def compute(batch):
+        return [{"judge": name, "id": r["id"], "layer": r["layer"], **v} for r, v in zip(batch, verdicts(batch))]
+    key = lambda r: (r["judge"], r["id"], r["layer"])
+    done = run_resumable(path, [{**r, "judge": name} for r in rows], key, compute, batch_size, name.split(":")[0])
+    for r in rows:
+        r.update({k: v for k, v in done[(name, r["id"], r["layer"])].items() if k not in ("judge", "id", "layer")})
+
+# -----------------------------------------------------------------------------
+# default config values; config/*.py and --key=value override them (configurator.py)
 
 init_from = "checkpoints/llava-1.5-7b-hf"  # llava-hf checkpoint folder
 adapter = ""  # L-PPO LoRA adapter (save_lora's file); "" evaluates the model as it is
@@ -893,15 +813,17 @@ human_sample = 200  # rows in the raters' CSV, the same share from every (run, l
 out_dir = "out/eval"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
+               and isinstance(v, (int, float, bool, str, list, type(None)))]
 # what the configurator checks before any work is done
 POSITIVE = ("batch_size", "max_new_tokens", "guard_batch_size", "guard_max_new_tokens", "perspective_qps")
 CHOICES = {"dataset": ("jsonl", "jailbreakv", "advbench_coco", "vqa", "xstest"),
            "dtype": ("float32", "bfloat16", "float16")}
+# -----------------------------------------------------------------------------
 
 
 def load_items():
     """The prompt set named by the config, each with a unique id."""
-    from model import InputError
     if not os.path.isfile(data_path):
         raise InputError(f"data_path={data_path!r}: no such file; expected the prompt set of dataset={dataset!r}")
     if dataset == "jsonl":
@@ -915,83 +837,26 @@ def load_items():
     elif dataset == "xstest":
         items = read_xstest(data_path)
     else:
-        raise ValueError(f"dataset = {dataset!r}; expected jsonl, jailbreakv, advbench_coco, vqa or xstest")
+        raise InputError(f"dataset = {dataset!r}; expected jsonl, jailbreakv, advbench_coco, vqa or xstest")
     if limit:
         keep = set(random.Random(seed).sample(range(len(items)), min(limit, len(items))))
         items = [it for i, it in enumerate(items) if i in keep]
     if pair_image_dir or dataset == "advbench_coco":
         if not pair_image_dir:
-            raise ValueError("dataset = 'advbench_coco' needs pair_image_dir, the folder of COCO images to pair with")
+            raise InputError("dataset = 'advbench_coco' needs pair_image_dir, the folder of COCO images to pair with")
         items = pair_images(items, pair_image_dir, seed)
     if not items:
         raise InputError(f"{data_path}: no prompts left (dataset={dataset!r}, limit={limit}); expected at least one")
     if len({it["image"] is None for it in items}) > 1:
-        raise ValueError(f"{data_path}: some prompts have an image and some do not; expected all or none")
+        raise InputError(f"{data_path}: some prompts have an image and some do not; expected all or none")
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{data_path}: duplicate ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}; "
+        raise InputError(f"{data_path}: duplicate ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}; "
                          "expected one id per prompt")
     return items
 
 
-def check_images(items):
-    """Open every image of the set once, before any model loads: a missing or corrupt file stops the run in seconds,
-    not hours into the sweep."""
-    from model import InputError, load_image
-    first_id = {}
-    for it in items:
-        if it["image"]:
-            first_id.setdefault(it["image"], it["id"])
-    for path, id_ in tqdm(first_id.items(), desc="images", disable=not first_id):
-        try:
-            load_image(path)
-        except InputError as e:
-            raise InputError(f"prompt {id_}: {e}") from None
-
-
-def check_run(path, settings):
-    """Refuse to resume an out_dir whose prompts or responses came from other settings (every key in `settings` that
-    run.json records otherwise). Writes nothing: the caller writes run.json once every check has passed."""
-    from model import InputError
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = [f"{k} was {old.get(k)!r}, now {v!r}" for k, v in settings.items() if old.get(k) != v]
-        if changed:
-            raise InputError(f"{path}: {'; '.join(changed)}; expected the same settings to resume this out_dir (or a "
-                             "new out_dir)")
-
-
-def check_comparable(before_path, before, now):
-    """Refuse a before/after table of runs that measured different things: another prompt set, or another judge
-    behind a metric both report. `now` is this run's summary, or as much of it as is known (judges come last)."""
-    from model import InputError
-    diffs = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in ("dataset", "data_path", "prompts")
-             if before.get(k) != now[k]]
-    if "ids" not in before:
-        diffs.append("ids not recorded (an older summary.json)")
-    else:
-        only_before = sorted(set(before["ids"]) - set(now["ids"]))
-        only_after = sorted(set(now["ids"]) - set(before["ids"]))
-        if only_before or only_after:
-            diffs.append(f"ids: {len(only_before)} only before {only_before[:3]}, {len(only_after)} only after "
-                         f"{only_after[:3]}")
-    old = before.get("judges", {})
-    diffs += [f"{k} judge {old[k]!r} -> {v!r}" for k, v in now.get("judges", {}).items() if k in old and old[k] != v]
-    if diffs:
-        raise InputError(f"{before_path}: not comparable with this run: {'; '.join(diffs)}; expected the same "
-                         "prompts and judges before and after")
-
-
-def free_memory():
-    """Return the memory of models just deleted, so that only one model is ever loaded."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def main():
-    from model import VLM, InputError, atomic_write, atomic_write_json, check_writable_dir, load_lora, load_tokenizer
     # the human evaluation reads finished runs: no data set, no model
     if export_human and import_human:
         raise InputError("export_human and import_human are both set; expected one of them (export the sheet, have "
@@ -1004,7 +869,7 @@ def main():
     check_writable_dir(out_dir)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     items = load_items()
-    check_images(items)
+    open_images(items)
     # everything that decides the set in out_dir, then its responses: resuming with other values would mix two runs
     pairs = json.dumps([[it["id"], it["prompt"], it["image"]] for it in items])
     settings = {"dataset": dataset, "data_path": data_path, "image_root": image_root, "pair_image_dir": pair_image_dir,
@@ -1019,8 +884,7 @@ def main():
         if not os.path.isfile(before_path):
             raise InputError(f"{before_path}: not found; expected the out_dir of a finished evaluate.py run as "
                              "before_dir")
-        with open(before_path) as f:
-            before = json.load(f)
+        before = read_json(before_path)
         check_comparable(before_path, before, {"dataset": dataset, "data_path": data_path, "prompts": len(items),
                                                "ids": [it["id"] for it in items]})
     # the exact pairs evaluated, random images included; image paths relative to out_dir, where read_prompt_jsonl
@@ -1037,7 +901,8 @@ def main():
     if adapter:
         load_lora(vlm, adapter)
     tokenizer = load_tokenizer(vlm.source_path)  # the local folder, also when init_from is a hub id
-    max_len = prompt_room(vlm, tokenizer, items, max_new_tokens)
+    max_len = prompt_room(tokenizer, vlm.config, [it["prompt"] for it in items], max_new_tokens,
+                          image=items[0]["image"] is not None)
     L = vlm.config.vision.num_hidden_layers
     default_layer = vlm.image_layer_index(None)
     text_only = items[0]["image"] is None
@@ -1050,10 +915,15 @@ def main():
     by_id = {it["id"]: it for it in items}
     todo = [{"id": it["id"], "layer": l, "prompt": it["prompt"], "image": it["image"]}
             for l in run_layers for it in items]
+
+    def generate(batch):
+        """The VLM's response to each {"id", "layer", "prompt", "image"}, its prompt cut from the left to max_len."""
+        texts = generate_responses(vlm, tokenizer, batch, layer=[r["layer"] for r in batch],
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   batch_size=batch_size, max_len=max_len)
+        return [{**r, "response": t} for r, t in zip(batch, texts)]
     key = lambda r: (r["id"], r["layer"])
-    responses = run_resumable(os.path.join(out_dir, "responses.jsonl"), todo, key,
-                              make_generate(vlm, tokenizer, max_new_tokens, temperature, top_p, device, max_len),
-                              batch_size, "generate")
+    responses = run_resumable(os.path.join(out_dir, "responses.jsonl"), todo, key, generate, batch_size, "generate")
     rows = [dict(responses[key(t)]) for t in todo]
     del vlm
     free_memory()
@@ -1072,17 +942,8 @@ def main():
         for row in rows:
             row["keyword_jailbroken"] = keyword_jailbroken(row["response"])
 
-    def judge(name, compute, batch):
-        """Run one judge over every row, resumably, and merge its fields into the rows."""
-        jkey = lambda r: (r["judge"], r["id"], r["layer"])
-        todo_j = [{"judge": name, "id": r["id"], "layer": r["layer"]} for r in rows]
-        by_key = {key(r): r for r in rows}
-        done = run_resumable(os.path.join(out_dir, "judgements.jsonl"), todo_j, jkey,
-                             lambda b: [{**t, **o} for t, o in zip(b, compute([by_key[key(t)] for t in b]))],
-                             batch, name.split(":")[0])
-        for t in todo_j:
-            by_key[key(t)].update({k: v for k, v in done[jkey(t)].items() if k not in ("judge", "id", "layer")})
-
+    # the model judges, one loaded at a time; each verdict is appended to judgements.jsonl as it comes
+    judged = os.path.join(out_dir, "judgements.jsonl")
     if llama_guard:
         guard, guard_tok, eos_ids = load_llama_guard(llama_guard, device, ptdtype)
         template = guard_tok.chat_template
@@ -1090,8 +951,11 @@ def main():
                 f"template-sha256-{hashlib.sha256(template.encode()).hexdigest()[:12]}")
         first = llama_guard_prompt(guard_tok, rows[0]["prompt"], rows[0]["response"])
         print(f"{name}, the judge's prompt for the first row:\n{first}")  # its whitespace is the usual pitfall
-        judge(name, lambda b: judge_llama_guard(guard, guard_tok, eos_ids, [r["prompt"] for r in b],
-                                                [r["response"] for r in b], guard_max_new_tokens), guard_batch_size)
+
+        def guard_verdicts(batch):
+            return judge_llama_guard(guard, guard_tok, eos_ids, [r["prompt"] for r in batch],
+                                     [r["response"] for r in batch], guard_max_new_tokens)
+        judge(judged, rows, name, guard_verdicts, guard_batch_size)
         judges["llama_guard"] = name
         del guard
         free_memory()
@@ -1099,8 +963,11 @@ def main():
         from reward import RewardModel
         rm = RewardModel.from_pretrained(reward_model, device=device, dtype=ptdtype)
         name = f"reward:{os.path.basename(os.path.normpath(reward_model))}"
-        judge(name, lambda b: [{"reward": float(s)} for s in
-                               rm.score([r["prompt"] for r in b], [r["response"] for r in b]).tolist()], batch_size)
+
+        def rewards(batch):
+            scores = rm.score([r["prompt"] for r in batch], [r["response"] for r in batch])
+            return [{"reward": s} for s in scores.tolist()]
+        judge(judged, rows, name, rewards, batch_size)
         judges["reward"] = name
         del rm
         free_memory()
@@ -1108,16 +975,23 @@ def main():
     if api_key:
         name = "perspective:TOXICITY:v1alpha1"
         cache = os.path.join(out_dir, "perspective_cache.jsonl")
+
+        def toxicities(batch):
+            scores = perspective_toxicity([r["response"] for r in batch], api_key, perspective_url, cache,
+                                          1.0 / perspective_qps)
+            return [{"toxicity": s} for s in scores]
         # one batch, so the rate limit spans every request; the cache keeps each score the moment it arrives
-        judge(name, lambda b: [{"toxicity": s} for s in perspective_toxicity(
-            [r["response"] for r in b], api_key, perspective_url, cache, 1.0 / perspective_qps)], len(rows))
+        judge(judged, rows, name, toxicities, len(rows))
         judges["toxicity"] = name
     elif toxicity_model:
         tox_tok, tox_model, toxic_label = load_toxicity_classifier(toxicity_model, device)
         label = tox_model.config.id2label[toxic_label]
         name = f"classifier:{os.path.basename(os.path.normpath(toxicity_model))}:{label}"
-        judge(name, lambda b: [{"toxicity": s} for s in classifier_toxicity(
-            [r["response"] for r in b], tox_tok, tox_model, toxic_label)], 32)
+
+        def toxicities(batch):
+            scores = classifier_toxicity([r["response"] for r in batch], tox_tok, tox_model, toxic_label)
+            return [{"toxicity": s} for s in scores]
+        judge(judged, rows, name, toxicities, 32)
         judges["toxicity"] = name
         del tox_model
         free_memory()
@@ -1126,8 +1000,11 @@ def main():
     if utility_model:
         ut_tok, ut_model = load_utility_model(utility_model, device)
         name = f"utility:{os.path.basename(os.path.normpath(utility_model))}"
-        judge(name, lambda b: [{"utility": s} for s in utility_reward(
-            [r["prompt"] for r in b], [r["response"] for r in b], ut_tok, ut_model)], 32)
+
+        def utilities(batch):
+            scores = utility_reward([r["prompt"] for r in batch], [r["response"] for r in batch], ut_tok, ut_model)
+            return [{"utility": s} for s in scores]
+        judge(judged, rows, name, utilities, 32)
         judges["utility"] = name
         del ut_model
         free_memory()
@@ -1165,9 +1042,8 @@ def main():
 
 
 if __name__ == "__main__":
-    # the configurator beside this file, so that evaluate.py runs from any folder
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
         main()
-    except ValueError as e:  # model.InputError, and the readers' ValueErrors: bad config or data, one line
+    except InputError as e:
         sys.exit(f"error: {e}")

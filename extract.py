@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from evaluate import IMAGE_SUFFIXES, line_plot, markdown_table, write_csv
+from model import (IMAGE_SUFFIXES, VLM, InputError, atomic_save_safetensors, atomic_write, atomic_write_json,
+                   check_writable_dir, line_plot, load_image, markdown_table, preprocess_image, write_csv)
 
 # -----------------------------------------------------------------------------
 # Statistics on (N, D) feature sets, in float64
@@ -78,7 +79,7 @@ def frechet_distance(mu1, cov1, mu2, cov2, sqrt_cov1=None):
     return max(0.0, fd.item())  # identical Gaussians can come out a rounding error below zero
 
 
-def fit_mahalanobis(x, shrinkage=0.01):
+def fit_mahalanobis(x, shrinkage):
     """Mean and precision matrix of x, the covariance shrunk toward a multiple of the identity so that it stays
     invertible when tokens are few or nearly collinear."""
     mu, cov = gaussian_fit(x)
@@ -93,7 +94,7 @@ def mahalanobis_distance(x, mu, precision):
     return ((diff @ precision) * diff).sum(-1).clamp(min=0).sqrt()
 
 
-def layer_statistics(fit, features, default_layer, text_embeddings, shrinkage=0.01):
+def layer_statistics(fit, features, default_layer, text_embeddings, shrinkage):
     """One row of statistics per layer. fit (M, D): default-layer features of one half of the images, to which the
     Gaussian (FD) and Mahalanobis (OOD) references are fitted; features {layer: (N, D)}: every layer on the other
     half, paired by row across layers (the same image tokens); text_embeddings (V, D); all in the LM's input space.
@@ -126,7 +127,7 @@ COLUMNS = {"cos_default": "cos vs default", "norm_default": "norm / default", "c
            "fd_text": "FD vs text", "ood": "Mahalanobis OOD"}
 
 # -----------------------------------------------------------------------------
-# The program. Defaults below; override them with a config file or --key=value (configurator.py).
+# default config values; config/*.py and --key=value override them (configurator.py)
 
 init_from = "checkpoints/llava-1.5-7b-hf"  # llava-hf checkpoint folder
 image_dir = "data/cp/images"  # the images (.jpg, .jpeg, .png), at least 2
@@ -139,15 +140,16 @@ seed = 1337
 out_dir = "out/extract"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
+               and isinstance(v, (int, float, bool, str, list, type(None)))]
 # what the configurator checks before any work is done
 POSITIVE = ("batch_size", "max_tokens")
 CHOICES = {"save_dtype": ("float32", "bfloat16", "float16"), "dtype": ("float32", "bfloat16", "float16")}
+# -----------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def main():
-    from model import (VLM, InputError, atomic_save_safetensors, atomic_write, atomic_write_json, check_writable_dir,
-                       load_image, preprocess_image)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     # everything that can be wrong with the inputs fails here, before minutes of model loading
     check_writable_dir(out_dir)
@@ -230,5 +232,5 @@ if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
         main()
-    except ValueError as e:  # model.InputError is one: a bad input, said in one line
+    except InputError as e:
         sys.exit(f"error: {e}")

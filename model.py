@@ -519,7 +519,6 @@ def save_peft_adapter(vlm, folder, base_model=""):
 
 def load_lora(vlm, path):
     """Load adapters saved by save_lora, adding them (and a value head) to `vlm` first if it has none."""
-    from safetensors import safe_open
     with _open_safetensors(path) as f:
         lcfg = json.loads((f.metadata() or {}).get("lora_config", "null"))
         sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -739,6 +738,35 @@ def sample_token(logits, temperature, top_p, generator=None):
     tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
+
+# -----------------------------------------------------------------------------
+# Scoring what was sampled: the same temperature as sample_token, so that a rollout's logprobs and the ones PPO
+# trains on agree
+
+
+def first_eos_mask(tokens, eos_id):
+    """(B, T) mask that is 1 up to and including each row's first EOS, and a (B,) bool: did the row have an EOS."""
+    is_eos = (tokens == eos_id).long()
+    # number of EOS strictly before t; the response is everything before the first EOS and that EOS itself
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos
+    return (eos_before == 0).long(), is_eos.any(dim=1)
+
+
+def logprobs_from_logits(logits, tokens, temperature=1.0):
+    """log π(token_t) under softmax(logits / temperature)."""
+    # old, reference and new logprobs must all see the sampling temperature, or the ratio and KL are off at step 0
+    logits = logits.float() / temperature
+    # gather minus logsumexp skips building a full (B, T, V) log_softmax tensor
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits, temperature=1.0):
+    """Entropy of softmax(logits / temperature) per position."""
+    logits = logits.float() / temperature
+    # H = -Σ p·log p, where a token with p = 0 (a -inf logit, e.g. the suppressed image token) adds 0, not NaN
+    logp = F.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
 # -----------------------------------------------------------------------------
 # Checkpoint files: key layouts, safetensors shards, atomic writes
@@ -1159,6 +1187,52 @@ def read_prompt_jsonl(path, image_root=""):
     return rows
 
 
+def load_resume_checkpoint(path, config, must_match, device):
+    """The checkpoint at `path` for --resume, read as data only (weights_only: unpickling arbitrary objects would run
+    code from the file), refused when a setting in `must_match` differs from `config`, which would not continue the
+    same run."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no checkpoint to resume from (run once without --resume)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: not a checkpoint of this project ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})") from None
+    for k in must_match:
+        if ckpt["config"].get(k) != config[k]:
+            raise InputError(f"{path}: {k} was {ckpt['config'].get(k)!r}, now {config[k]!r}; --resume needs the same "
+                             "value (or a new out_dir)")
+    return ckpt
+
+
+def open_images(rows):
+    """Open every image of a prompt set once: a missing or corrupt file is one line naming it and its prompt, at
+    start-up instead of hours into a run."""
+    first_use = {}
+    for row in rows:
+        if row["image"]:
+            first_use.setdefault(row["image"], row["id"])
+    for path, row_id in first_use.items():
+        try:
+            load_image(path)
+        except InputError as e:
+            raise InputError(f"prompt {row_id}: {e}") from None
+
+
+def prompt_room(tok, cfg, prompts, max_new_tokens, image=True):
+    """How many tokens a prompt may take beside a response of max_new_tokens in the context. Says once how many of
+    `prompts` are longer: those lose the start of their text (fit_prompt), never their image tokens."""
+    max_len = cfg.text.max_position_embeddings - max_new_tokens
+    if max_len <= 0:
+        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of "
+                         f"{cfg.text.max_position_embeddings} tokens; expected fewer")
+    n_cut = sum(fit_prompt(tok, cfg, p, max_len, image)[1] > 0 for p in sorted(set(prompts)))
+    if n_cut:
+        print(f"note: {n_cut} prompts are longer than the {max_len} tokens the context leaves beside the response; "
+              "their text is cut from the left (image tokens are kept whole)")
+    return max_len
+
+
 def get_lr(it, lr, warmup_iters, decay_iters, min_lr):
     """Linear warmup, then cosine decay from lr to min_lr at decay_iters (nanoGPT's schedule)."""
     if it < warmup_iters:
@@ -1302,3 +1376,79 @@ class GPT2Model(nn.Module):
         for block in self.h:
             x = block(x, mask)
         return self.ln_f(x)
+
+
+# -----------------------------------------------------------------------------
+# Result files: tables and plots, as evaluate.py and extract.py write them
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # the image files a folder of images is read for
+
+
+def markdown_table(header, rows):
+    """A Markdown table; None prints as "-", a float with two decimals."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]) + "\n"
+
+
+def write_csv(path, header, rows):
+    """A CSV file; None is an empty cell."""
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+PLOT_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def line_plot(panels, path, columns=None):
+    """Panels in a grid (one row unless `columns`) in one PNG, drawn with PIL: each {"title", "series": {name:
+    [(x, y), ...]}, "mark": x or None (a dashed vertical line, e.g. at the default layer)}."""
+    from PIL import ImageDraw, ImageFont
+    W, H = 380, 280  # one panel
+    columns = columns or len(panels)
+    image = Image.new("RGB", (W * columns, H * math.ceil(len(panels) / columns)), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)  # Pillow's own FreeType font; at its default size 10 spaces vanish
+    for k, panel in enumerate(panels):
+        x0, y0 = (k % columns) * W, (k // columns) * H
+        left, top, right, bottom = x0 + 76, y0 + 44, x0 + W - 12, y0 + H - 36
+        draw.text((x0 + W // 2, y0 + 12), panel["title"], fill="black", font=font, anchor="mm")
+        points = [(x, y) for pts in panel["series"].values() for x, y in pts if y is not None]
+        if not points:
+            continue
+        x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+        y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+        x_hi = max(x_hi, x_lo + 1)
+        pad = (y_hi - y_lo) * 0.08 if y_hi - y_lo > 1e-9 else max(1.0, abs(y_hi) * 0.1)  # a flat line sits mid-panel
+        y_lo, y_hi = y_lo - pad, y_hi + pad
+        px = lambda x: left + (x - x_lo) / (x_hi - x_lo) * (right - left)
+        py = lambda y: bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
+        draw.rectangle([left, top, right, bottom], outline="black")
+        decimals = max(0, 1 - math.floor(math.log10((y_hi - y_lo) / 4)))  # enough to tell neighbouring ticks apart
+        for j in range(5):
+            y = y_lo + (y_hi - y_lo) * j / 4
+            draw.line([left - 4, py(y), left, py(y)], fill="black")
+            draw.text((left - 6, py(y)), f"{y:.{decimals}f}", fill="black", font=font, anchor="rm")
+        step = max(1, math.ceil((x_hi - x_lo) / 8))
+        for x in range(math.ceil(x_lo), math.floor(x_hi) + 1, step):
+            draw.line([px(x), bottom, px(x), bottom + 4], fill="black")
+            draw.text((px(x), bottom + 6), str(x), fill="black", font=font, anchor="mt")
+        draw.text(((left + right) // 2, y0 + H - 10), "image-encoder layer", fill="black", font=font, anchor="mm")
+        if panel.get("mark") is not None:
+            for y in range(int(top), int(bottom), 8):
+                draw.line([px(panel["mark"]), y, px(panel["mark"]), min(y + 4, bottom)], fill=(128, 128, 128))
+        for i, (name, pts) in enumerate(panel["series"].items()):
+            color = PLOT_COLORS[i % len(PLOT_COLORS)]
+            xy = [(px(x), py(y)) for x, y in pts if y is not None]
+            if len(xy) > 1:
+                draw.line(xy, fill=color, width=2)
+            for x, y in xy:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+            # the legend goes in a row above the panel, where it can hide no data
+            x = left + 90 * i
+            draw.line([x, y0 + 30, x + 16, y0 + 30], fill=color, width=2)
+            draw.text((x + 20, y0 + 30), name, fill="black", font=font, anchor="lm")
+    image.save(path)

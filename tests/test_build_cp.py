@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from data.cp.build_cp import build_cp
-from evaluate import read_advbench_csv, read_prompt_jsonl
+from evaluate import read_advbench_csv
+from model import read_prompt_jsonl
 from model import InputError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "cp" / "build_cp.py"

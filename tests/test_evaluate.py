@@ -17,15 +17,26 @@ from PIL import Image
 import evaluate
 import model
 from evaluate import (XSTEST_JUDGE, check_comparable, classifier_toxicity, drop_torn_tail, group_metrics, is_refusal,
-                      judge_llama_guard, keyword_jailbroken, layer_groups, line_plot, llama_guard_prompt,
-                      llama_guard_version, load_llama_guard, load_toxicity_classifier, markdown_table, pair_images,
-                      parse_llama_guard, per_layer_metrics, perspective_toxicity, rate_cells, read_advbench_csv,
-                      read_jailbreakv_csv, read_jsonl, read_prompt_jsonl, read_vqa, read_xstest, run_resumable,
-                      summary_table, vqa_accuracy, wilson_interval, xstest_refusal)
-from model import InputError
+                      judge_llama_guard, keyword_jailbroken, layer_groups, llama_guard_prompt, llama_guard_version,
+                      load_llama_guard, load_toxicity_classifier, pair_images, parse_llama_guard, per_layer_metrics,
+                      perspective_toxicity, rate_cells, read_advbench_csv, read_jailbreakv_csv, read_vqa, read_xstest,
+                      run_resumable, summary_table, vqa_accuracy, wilson_interval, xstest_refusal)
+from model import InputError, line_plot, markdown_table, read_jsonl, read_prompt_jsonl
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+
+
+def jsonl(path):
+    """The objects of a JSONL result file, in order."""
+    return [obj for _, obj in read_jsonl(path)]
+
+
+def assert_drawn_png(path):
+    """A plot file is a PNG that opens, with something drawn on it (more than one colour)."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert len(image.convert("RGB").getcolors(maxcolors=image.width * image.height)) > 1
 
 # -----------------------------------------------------------------------------
 # VQA-v2 accuracy, cases worked out by hand from the official definition
@@ -233,10 +244,12 @@ def test_every_rate_gets_its_n_and_interval_and_groups_a_conservative_one():
 
 
 def fake_summary(asr_by_layer, default_layer=3):
+    """The parts of a 3-layer summary.json that summary_table reads, one prompt judged at each layer."""
     table = per_layer_metrics([{"id": "a", "layer": l, "guard_unsafe": bool(v)} for l, v in asr_by_layer.items()])
     groups = group_metrics(table, 3)
     return {"default_layer": default_layer,
-            "groups": [{"name": g, "layers": f"{g}", **groups[g]} for g in ("Early", "Middle", "Late", "Average")],
+            "groups": [{"name": g, "layers": ls, **groups[g]}
+                       for g, ls in [("Early", "1-1"), ("Middle", "2-2"), ("Late", "3-3"), ("Average", "")]],
             "layers": [{"layer": l, **m} for l, m in table.items()]}
 
 
@@ -245,7 +258,10 @@ def test_summary_table_puts_before_and_after_side_by_side_each_rate_with_its_int
     # machine-readable (the CSV): one number per column
     assert header == ["layers", "ASR before", "ASR before lo", "ASR before hi", "ASR before n",
                       "ASR after", "ASR after lo", "ASR after hi", "ASR after n"]
-    assert rows[3][:2] == ["Average (Average)", 100.0] and rows[3][5] == pytest.approx(200 / 3)
+    # Table 2's layout: the groups with their layers, their Average, then every layer, the default one marked
+    assert [row[0] for row in rows] == ["Early (1-1)", "Middle (2-2)", "Late (3-3)", "Average", "layer 1", "layer 2",
+                                        "layer 3 (default)"]
+    assert rows[3][1] == 100.0 and rows[3][5] == pytest.approx(200 / 3)  # Average ASR before and after
     assert rows[3][4] == rows[3][8] == 3  # pooled over the three layers
     # 1 of 1 and 0 of 1: Wilson's [1 / (1 + z^2), 1] and [0, z^2 / (1 + z^2)]
     assert rows[-1] == ["layer 3 (default)", 100.0, pytest.approx(100 / 4.8416), 100.0, 1,
@@ -256,7 +272,7 @@ def test_summary_table_puts_before_and_after_side_by_side_each_rate_with_its_int
     line_plot([{"title": "ASR", "mark": 3, "series": {"before": [(1, 100.0), (2, 100.0), (3, 100.0)],
                                                       "after": [(1, 100.0), (2, None), (3, 0.0)]}},
                {"title": "TS", "mark": None, "series": {"after": [(1, None)]}}], tmp_path / "plot.png")
-    assert Image.open(tmp_path / "plot.png").size == (760, 280)
+    assert_drawn_png(tmp_path / "plot.png")
 
 # -----------------------------------------------------------------------------
 # Resuming a killed run
@@ -280,13 +296,13 @@ def test_a_rerun_after_a_kill_generates_only_the_missing_rows(tmp_path):
 
     with pytest.raises(Killed):
         run_resumable(out, todo, key, lambda b: generate(b, die_after=3), 2, "test")
-    assert len(read_jsonl(out)) == 6
+    assert len(jsonl(out)) == 6
     with open(out, "a") as f:  # and the process died in the middle of writing a line
         f.write('{"id": "3", "layer": 2, "resp')
     calls.clear()
     done = run_resumable(out, todo, key, generate, 2, "test")
     assert sum(len(c) for c in calls) == 9  # 15 - 6: nothing twice
-    rows = read_jsonl(out)
+    rows = jsonl(out)
     assert sorted(key(r) for r in rows) == sorted(key(t) for t in todo)
     assert done[("4", 3)]["response"] == "answer 4 at 3"
     calls.clear()
@@ -315,7 +331,8 @@ def test_read_prompt_jsonl():
 
 
 def test_read_prompt_jsonl_names_the_bad_line():
-    with pytest.raises(ValueError, match=r"bad_prompts.jsonl:2: expected a string 'prompt' and a string or null 'image'"):
+    with pytest.raises(InputError, match=r"bad_prompts.jsonl:2: expected a string 'prompt' and a string or null "
+                                         r"'image'"):
         read_prompt_jsonl(FIXTURES / "bad_prompts.jsonl")
 
 
@@ -345,9 +362,9 @@ def test_read_advbench_and_pair_with_coco_images_reproducibly(tmp_path):
 
 
 def test_csv_readers_name_the_bad_line(tmp_path):
-    with pytest.raises(ValueError, match=r"harmful_behaviors_bad.csv:3: empty \['goal'\]"):
+    with pytest.raises(InputError, match=r"harmful_behaviors_bad.csv:3: empty \['goal'\]"):
         read_advbench_csv(FIXTURES / "harmful_behaviors_bad.csv")
-    with pytest.raises(ValueError, match=r"xstest_prompts.csv:1: header .* lacks \['goal'\]"):
+    with pytest.raises(InputError, match=r"xstest_prompts.csv:1: header .* lacks \['goal'\]"):
         read_advbench_csv(FIXTURES / "xstest_prompts.csv")
 
 
@@ -363,7 +380,7 @@ def test_read_vqa_names_the_bad_record(tmp_path):
     questions = json.loads((FIXTURES / "vqa_questions.json").read_text())
     questions["questions"][1]["question_id"] = 999
     (tmp_path / "q.json").write_text(json.dumps(questions))
-    with pytest.raises(ValueError, match=r"no annotation for question_id 999 \(questions\[1\]"):
+    with pytest.raises(InputError, match=r"no annotation for question_id 999 \(questions\[1\]"):
         read_vqa(tmp_path / "q.json", FIXTURES / "vqa_annotations.json", "coco")
 
 
@@ -399,12 +416,12 @@ def test_load_items_pairs_advbench_with_images_keeps_a_seeded_subset_and_exports
     assert read_prompt_jsonl(tmp_path / "out" / "prompts.jsonl") == [
         {"id": it["id"], "prompt": it["prompt"], "image": it["image"]} for it in items]
     monkeypatch.setattr(evaluate, "pair_image_dir", "")
-    with pytest.raises(ValueError, match="needs pair_image_dir"):
+    with pytest.raises(InputError, match="needs pair_image_dir"):
         evaluate.load_items()
     monkeypatch.setattr(evaluate, "dataset", "jsonl")
     monkeypatch.setattr(evaluate, "data_path", str(FIXTURES / "prompts.jsonl"))
     monkeypatch.setattr(evaluate, "limit", 0)
-    with pytest.raises(ValueError, match="some prompts have an image and some do not"):
+    with pytest.raises(InputError, match="some prompts have an image and some do not"):
         evaluate.load_items()
 
 
@@ -448,7 +465,7 @@ def test_a_refused_rerun_leaves_prompts_jsonl_and_run_json_untouched(tmp_path, m
     with pytest.raises(Killed):
         evaluate.main()
     written = {name: (out / name).read_bytes() for name in ("prompts.jsonl", "run.json")}
-    assert len(read_jsonl(out / "prompts.jsonl")) == 2
+    assert len(jsonl(out / "prompts.jsonl")) == 2
     assert json.loads(written["run.json"])["limit"] == 2
     # another subset, and other generation settings: refused, naming every change, before anything is written
     set_config(monkeypatch, limit=3, max_new_tokens=5)
@@ -465,6 +482,15 @@ def test_a_refused_rerun_leaves_prompts_jsonl_and_run_json_untouched(tmp_path, m
     evaluate.main()
     assert {name: (out / name).read_bytes() for name in written} == written
     assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == []  # atomic writes leave nothing behind
+
+
+def test_a_corrupt_run_json_is_one_input_error_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run.json").write_text('{"limit": 2')  # a run.json cut short
+    set_config(monkeypatch, dataset="xstest", data_path=FIXTURES / "xstest_prompts.csv", out_dir=tmp_path / "out")
+    die_at_model_load(monkeypatch)
+    with pytest.raises(InputError, match=r"run.json: not valid JSON"):
+        evaluate.main()
 
 
 def test_out_dir_must_be_a_writable_folder(tmp_path, monkeypatch):
@@ -564,8 +590,11 @@ class FakePerspective(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def perspective_server():
+def perspective_server(monkeypatch):
     FakePerspective.requests = []
+    # retries as the client makes them, without the waits
+    for name, value in dict(PERSPECTIVE_RETRIES=3, PERSPECTIVE_BACKOFF=0.01, PERSPECTIVE_TIMEOUT=5.0).items():
+        monkeypatch.setattr(evaluate, name, value)
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakePerspective)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -573,14 +602,11 @@ def perspective_server():
     server.server_close()
 
 
-FAST = dict(min_interval=0.0, max_retries=3, backoff=0.01, timeout=5.0)
-
-
 def test_perspective_retries_after_429_and_caches(perspective_server, tmp_path):
     FakePerspective.script = {"/analyze": [(429, {"error": "quota"}), (429, {"error": "quota"}), (200, 0.25)]}
     cache = tmp_path / "cache.jsonl"
     scores = perspective_toxicity(["you are awful", "", "you are awful"], "KEY", perspective_server + "/analyze",
-                                  cache_path=cache, **FAST)
+                                  cache, 0.0)
     assert scores == [0.25, 0.0, 0.25]
     assert len(FakePerspective.requests) == 3  # two 429s and one success; the repeat and the empty text cost nothing
     path, body = FakePerspective.requests[-1]
@@ -588,40 +614,40 @@ def test_perspective_retries_after_429_and_caches(perspective_server, tmp_path):
     assert body == {"comment": {"text": "you are awful"}, "requestedAttributes": {"TOXICITY": {}},
                     "languages": ["en"], "doNotStore": True}
     FakePerspective.requests = []
-    assert perspective_toxicity(["you are awful"], "KEY", perspective_server + "/analyze", cache_path=cache,
-                                **FAST) == [0.25]
+    assert perspective_toxicity(["you are awful"], "KEY", perspective_server + "/analyze", cache, 0.0) == [0.25]
     assert FakePerspective.requests == []  # from the cache on disk
 
 
-def test_perspective_gives_up_after_the_retries(perspective_server):
+def test_perspective_gives_up_after_the_retries(perspective_server, tmp_path):
     FakePerspective.script = {"/down": [(503, {"error": "unavailable"})]}
-    with pytest.raises(RuntimeError, match="HTTP 503 on all 4 tries"):
-        perspective_toxicity(["hello"], "KEY", perspective_server + "/down", **FAST)
+    with pytest.raises(InputError, match="HTTP 503 on all 4 tries"):
+        perspective_toxicity(["hello"], "KEY", perspective_server + "/down", tmp_path / "cache.jsonl", 0.0)
     assert len(FakePerspective.requests) == 4
 
 
-def test_perspective_stops_at_once_on_a_client_error(perspective_server):
+def test_perspective_stops_at_once_on_a_client_error(perspective_server, tmp_path):
     FakePerspective.script = {"/bad": [(400, {"error": {"message": "Attribute TOXICITY does not support request "
                                                                    "languages: xx"}})]}
-    with pytest.raises(RuntimeError, match="HTTP 400 .*does not support request languages"):
-        perspective_toxicity(["hello"], "KEY", perspective_server + "/bad", **FAST)
+    with pytest.raises(InputError, match="HTTP 400 .*does not support request languages"):
+        perspective_toxicity(["hello"], "KEY", perspective_server + "/bad", tmp_path / "cache.jsonl", 0.0)
     assert len(FakePerspective.requests) == 1
 
 
 @pytest.mark.parametrize("drop", ["close", "reset"])
-def test_perspective_retries_a_dropped_connection(perspective_server, drop):
+def test_perspective_retries_a_dropped_connection(perspective_server, tmp_path, drop):
     FakePerspective.script = {"/flaky": [(drop, None), (200, 0.75)]}
-    assert perspective_toxicity(["hello"], "KEY", perspective_server + "/flaky", **FAST) == [0.75]
+    scores = perspective_toxicity(["hello"], "KEY", perspective_server + "/flaky", tmp_path / "flaky.jsonl", 0.0)
+    assert scores == [0.75]
     assert len(FakePerspective.requests) == 2
     FakePerspective.script = {"/gone": [(drop, None)]}
-    with pytest.raises(RuntimeError, match=r"(RemoteDisconnected|ConnectionResetError).* on all 4 tries"):
-        perspective_toxicity(["hello"], "KEY", perspective_server + "/gone", **FAST)
+    with pytest.raises(InputError, match=r"(RemoteDisconnected|ConnectionResetError).* on all 4 tries"):
+        perspective_toxicity(["hello"], "KEY", perspective_server + "/gone", tmp_path / "gone.jsonl", 0.0)
 
 
-def test_perspective_keeps_to_the_rate_limit(perspective_server):
+def test_perspective_keeps_to_the_rate_limit(perspective_server, tmp_path):
     FakePerspective.script = {"/analyze": [(200, 0.5)]}
     start = time.monotonic()
-    perspective_toxicity(["a", "b", "c"], "KEY", perspective_server + "/analyze", **{**FAST, "min_interval": 0.2})
+    perspective_toxicity(["a", "b", "c"], "KEY", perspective_server + "/analyze", tmp_path / "cache.jsonl", 0.2)
     assert time.monotonic() - start >= 0.4
 
 # -----------------------------------------------------------------------------
@@ -690,17 +716,17 @@ def make_tiny_reward_model(path):
 
 def test_local_toxicity_classifier_gives_the_toxic_label_probability(tmp_path):
     make_tiny_toxicity_classifier(tmp_path)
-    tokenizer, model, label = load_toxicity_classifier(str(tmp_path))
+    tokenizer, model, label = load_toxicity_classifier(str(tmp_path), "cpu")
     assert label == 1
     texts = ["w5 w6", "w7 w8 w9 w10", ""]
-    scores = classifier_toxicity(texts, tokenizer, model, label, batch_size=2)
+    scores = classifier_toxicity(texts, tokenizer, model, label)  # one padded batch
     for text, score in zip(texts, scores):
         with torch.no_grad():
             expected = model(**tokenizer([text], return_tensors="pt")).logits.softmax(-1)[0, 1].item()
         assert score == pytest.approx(expected, abs=1e-5)
     make_tiny_toxicity_classifier(tmp_path, labels=("negative", "positive"))
-    with pytest.raises(ValueError, match="has no 'toxic' label"):
-        load_toxicity_classifier(str(tmp_path))
+    with pytest.raises(InputError, match="has no 'toxic' label"):
+        load_toxicity_classifier(str(tmp_path), "cpu")
 
 
 def test_evaluate_end_to_end_on_tiny_checkpoints(tmp_path, monkeypatch):
@@ -725,7 +751,7 @@ def test_evaluate_end_to_end_on_tiny_checkpoints(tmp_path, monkeypatch):
         monkeypatch.setattr(evaluate, k, v)
     evaluate.main()
 
-    rows = read_jsonl(tmp_path / "before" / "responses.jsonl")
+    rows = jsonl(tmp_path / "before" / "responses.jsonl")
     assert sorted((r["id"], r["layer"]) for r in rows) == sorted((f"cp:{n}", l) for n in (1, 2) for l in (1, 2, 3))
     # each response is what the VLM says for that prompt alone at that layer
     from model import VLM, encode_batch, load_image, load_tokenizer
@@ -736,7 +762,7 @@ def test_evaluate_end_to_end_on_tiny_checkpoints(tmp_path, monkeypatch):
                              image_layer=1, max_new_tokens=4, eos_token_id=tok.eos_token_id)
     assert row["response"] == evaluate.decode_until_eos(tok, tokens, [tok.eos_token_id])[0]
 
-    judgements = read_jsonl(tmp_path / "before" / "judgements.jsonl")
+    judgements = jsonl(tmp_path / "before" / "judgements.jsonl")
     guard = [j for j in judgements if j["judge"].startswith("llama-guard:LG3:guard:")]
     assert len(guard) == 6 and all(j["guard_output"] == "safe" and j["guard_unsafe"] is False for j in guard)
     from reward import RewardModel
@@ -756,8 +782,8 @@ def test_evaluate_end_to_end_on_tiny_checkpoints(tmp_path, monkeypatch):
 
     # a second run over the same out_dir generates and judges nothing again; a third compares against the first
     evaluate.main()
-    assert len(read_jsonl(tmp_path / "before" / "responses.jsonl")) == 6
-    assert len(read_jsonl(tmp_path / "before" / "judgements.jsonl")) == 18
+    assert len(jsonl(tmp_path / "before" / "responses.jsonl")) == 6
+    assert len(jsonl(tmp_path / "before" / "judgements.jsonl")) == 18
     monkeypatch.setattr(evaluate, "out_dir", str(tmp_path / "after"))
     monkeypatch.setattr(evaluate, "before_dir", str(tmp_path / "before"))
     monkeypatch.setattr(evaluate, "layers", [1])
@@ -767,7 +793,7 @@ def test_evaluate_end_to_end_on_tiny_checkpoints(tmp_path, monkeypatch):
     assert "| layer 1 | 0.0 [0.0, 65.8] n=2 | 0.0 [0.0, 65.8] n=2 |" in md  # Wilson's for 0 of 2
     with open(tmp_path / "after" / "summary.csv") as f:
         assert next(csv.reader(f))[:5] == ["layers", "ASR before", "ASR before lo", "ASR before hi", "ASR before n"]
-    assert Image.open(tmp_path / "after" / "metrics.png").size[1] == 280
+    assert_drawn_png(tmp_path / "after" / "metrics.png")
 
     # a before run judged by another reward model: TR before and after would not be comparable
     after_summary = (tmp_path / "after" / "summary.json").read_bytes()
@@ -780,7 +806,7 @@ def test_evaluate_end_to_end_on_tiny_checkpoints(tmp_path, monkeypatch):
     assert (tmp_path / "after" / "summary.json").read_bytes() == after_summary
 
     monkeypatch.setattr(evaluate, "max_new_tokens", 5)
-    with pytest.raises(ValueError, match=r"run.json: max_new_tokens was 4, now 5"):
+    with pytest.raises(InputError, match=r"run.json: max_new_tokens was 4, now 5"):
         evaluate.main()
 
 
@@ -798,10 +824,10 @@ def test_xstest_runs_at_the_default_layer_only_judged_by_xstests_string_match(tm
     evaluate.main()
     printed = capsys.readouterr().out
     # a text-only prompt has no image for a layer to change: one generation each, at the default layer 2
-    rows = read_jsonl(tmp_path / "out" / "responses.jsonl")
+    rows = jsonl(tmp_path / "out" / "responses.jsonl")
     assert sorted((r["id"], r["layer"]) for r in rows) == [("xstest:v2-1", 2), ("xstest:v2-2", 2)]
     assert "text-only prompts, which no image layer can change: generating at the default layer 2 only" in printed
-    assert "1 of 2 prompts are longer than the 248 tokens left by max_new_tokens=8 in the context of 256" in printed
+    assert "note: 1 prompts are longer than the 248 tokens the context leaves beside the response" in printed
     assert "TS skipped: no PERSPECTIVE_API_KEY in the environment and no toxicity_model" in printed
     # the long prompt lost the start of its text, as model.encode_batch cuts it
     from model import VLM, encode_batch, load_tokenizer

@@ -76,7 +76,7 @@ def test_layer_statistics_rank_a_shifted_layer_as_out_of_distribution():
     fit = gaussian(d=4, seed=5)  # default-layer features of the other half of the images
     text = gaussian(d=4, seed=3) * 0.5
     features = {1: x + 10.0, 2: 2.0 * x, 3: x}  # 3 is the default layer
-    rows = {r["layer"]: r for r in layer_statistics(fit, features, 3, text)}
+    rows = {r["layer"]: r for r in layer_statistics(fit, features, 3, text, 0.01)}
     assert rows[3]["cos_default"] == pytest.approx(1.0) and rows[3]["fd_default"] < 0.05  # two samples of one law
     assert rows[2]["cka_default"] == pytest.approx(1.0) and rows[2]["norm_default"] == pytest.approx(2.0)
     assert rows[2]["cos_default"] == pytest.approx(1.0)
@@ -101,9 +101,9 @@ def test_default_layer_is_scored_on_other_images_than_its_fit_so_it_is_no_closer
     # every layer an independent draw from the default layer's distribution: none should look more in distribution
     features = {layer: gaussian(100, 16, seed=layer) for layer in range(6)}
     text = gaussian(100, 16, seed=20)
-    assert in_distribution_band(layer_statistics(gaussian(100, 16, seed=10), features, 2, text), 2)
+    assert in_distribution_band(layer_statistics(gaussian(100, 16, seed=10), features, 2, text, 0.01), 2)
     # the check can fail: fitted on the very tokens it scores, the default layer looks closer to home than it is
-    assert not in_distribution_band(layer_statistics(features[2], features, 2, text), 2)
+    assert not in_distribution_band(layer_statistics(features[2], features, 2, text, 0.01), 2)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,8 @@ def test_extract_saves_every_layer_in_one_pass_on_a_tiny_checkpoint(tiny_vlm, tm
     default = stats["layers"][2]
     assert default["cos_default"] == pytest.approx(1.0) and default["cka_default"] == pytest.approx(1.0)
     assert "| 2 (default) | 1.00 |" in (tmp_path / "out" / "statistics.md").read_text()
-    assert Image.open(tmp_path / "out" / "statistics.png").size == (4 * 380, 2 * 280)
+    with Image.open(tmp_path / "out" / "statistics.png") as plot:  # a PNG that opens, with something drawn on it
+        assert plot.format == "PNG" and len(plot.convert("RGB").getcolors(plot.width * plot.height)) > 1
 
 
 def test_default_layer_is_fitted_on_one_half_of_the_images_and_scored_on_the_other(tiny_vlm, tmp_path, monkeypatch):

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import evaluate
-from evaluate import (HUMAN_COLUMNS, KEYWORD_JUDGE, cohens_kappa, human_key_path, load_utility_model, read_jsonl,
-                      utility_reward)
-from model import InputError
+from evaluate import HUMAN_COLUMNS, KEYWORD_JUDGE, cohens_kappa, human_key_path, load_utility_model, utility_reward
+from model import InputError, read_jsonl
 
 # -----------------------------------------------------------------------------
 # Cohen's kappa
@@ -62,17 +61,18 @@ def make_tiny_utility_model(path, num_labels=1):
 
 def test_utility_reward_is_the_models_logit_on_the_question_answer_pair(tmp_path):
     make_tiny_utility_model(tmp_path)
-    tokenizer, model = load_utility_model(str(tmp_path))
+    tokenizer, model = load_utility_model(str(tmp_path), "cpu")
     questions = ["w5 w6", "w7 w8 w9 w10 w11", "w12"]
     answers = ["w20 w21 w22", "w30", "w40 w41 w42 w43 w44 w45"]
-    scores = utility_reward(questions, answers, tokenizer, model, batch_size=3)
+    scores = utility_reward(questions, answers, tokenizer, model)  # one padded batch
     for q, a, score in zip(questions, answers, scores):
         with torch.no_grad():
             pair = model(**tokenizer(q, a, return_tensors="pt")).logits[0, 0].item()
             answer_only = model(**tokenizer(a, return_tensors="pt")).logits[0, 0].item()
         assert score == pytest.approx(pair, abs=1e-5) and abs(score - answer_only) > 1e-3
     # one at a time, without padding, gives the same scores
-    assert utility_reward(questions, answers, tokenizer, model, batch_size=1) == pytest.approx(scores, abs=1e-5)
+    one_by_one = [utility_reward([q], [a], tokenizer, model)[0] for q, a in zip(questions, answers)]
+    assert one_by_one == pytest.approx(scores, abs=1e-5)
     # the question is read as the question: swapped, the pair scores differently
     swapped = utility_reward(answers, questions, tokenizer, model)
     assert all(abs(s - t) > 1e-4 for s, t in zip(scores, swapped))
@@ -81,7 +81,7 @@ def test_utility_reward_is_the_models_logit_on_the_question_answer_pair(tmp_path
 def test_utility_model_must_have_one_output(tmp_path):
     make_tiny_utility_model(tmp_path, num_labels=2)
     with pytest.raises(InputError, match="num_labels 2; expected 1"):
-        load_utility_model(str(tmp_path))
+        load_utility_model(str(tmp_path), "cpu")
 
 
 def test_evaluate_writes_the_utility_judge_and_its_ur_column(tmp_path, monkeypatch):
@@ -99,13 +99,12 @@ def test_evaluate_writes_the_utility_judge_and_its_ur_column(tmp_path, monkeypat
                      out_dir=str(tmp_path / "out")).items():
         monkeypatch.setattr(evaluate, k, v)
     evaluate.main()
-    responses = {(r["id"], r["layer"]): r for r in read_jsonl(tmp_path / "out" / "responses.jsonl")}
-    judged = [j for j in read_jsonl(tmp_path / "out" / "judgements.jsonl") if j["judge"] == "utility:utility"]
+    responses = {(r["id"], r["layer"]): r for _, r in read_jsonl(tmp_path / "out" / "responses.jsonl")}
+    judged = [j for _, j in read_jsonl(tmp_path / "out" / "judgements.jsonl") if j["judge"] == "utility:utility"]
     assert sorted((j["id"], j["layer"]) for j in judged) == sorted(responses)
-    tokenizer, model = load_utility_model(str(tmp_path / "utility"))
+    tokenizer, model = load_utility_model(str(tmp_path / "utility"), "cpu")
     rows = [responses[(j["id"], j["layer"])] for j in judged]
-    expected = utility_reward([r["prompt"] for r in rows], [r["response"] for r in rows], tokenizer, model,
-                              batch_size=1)
+    expected = [utility_reward([r["prompt"]], [r["response"]], tokenizer, model)[0] for r in rows]
     assert [j["utility"] for j in judged] == pytest.approx(expected, abs=1e-5)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["judges"]["utility"] == "utility:utility"

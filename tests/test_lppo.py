@@ -71,7 +71,7 @@ def run_lppo(world, out_dir, *args, nproc=1):
 
 
 def trainable(out_dir):
-    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=False)
+    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)
 
 
 def test_a_run_is_deterministic_under_a_seed_and_writes_its_outputs(world, tmp_path):
@@ -123,6 +123,16 @@ def test_exploding_kl_stops_the_run_and_keeps_the_last_good_checkpoint(world, tm
     ("--prompt_files=['/nonexistent/prompts.jsonl']", "/nonexistent/prompts.jsonl"),
     ("--image_layer=9", "image layer 9 is out of range"),
     ("--lerning_rate=1", "unknown config key 'lerning_rate'"),
+    ("--temperature=0", "temperature=0.0; expected a number > 0"),
+    ("--top_p=0.9", "top_p=0.9; expected one of 1.0"),
+    ("--dtype=float16", "dtype='float16'; expected one of 'float32', 'bfloat16'"),
+    ("--kl_estimator=k9", "kl_estimator='k9'; expected one of"),
+    ("--batch_size=0", "batch_size=0; expected a number > 0"),
+    ("--micro_batch_size=-2", "micro_batch_size=-2; expected a number > 0"),
+    ("--max_new_tokens=0", "max_new_tokens=0; expected a number > 0"),
+    ("--lora_r=0", "lora_r=0; expected a number > 0"),
+    ("--batch_size=None", "batch_size=None has type NoneType, expected int"),
+    ("--image_layer=None", "image_layer=None has type NoneType, expected int or list"),
 ])
 def test_bad_input_is_one_clear_line(world, tmp_path, override, message):
     p = run_lppo(world, tmp_path / "bad", override)
@@ -140,6 +150,58 @@ def test_missing_image_and_empty_prompt_set_are_named(world, tmp_path):
     empty.write_text("")
     p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{empty}']")
     assert p.returncode == 1 and "empty.jsonl: 0 prompts" in p.stderr.strip().splitlines()[-1]
+
+
+def test_an_empty_eval_set_a_corrupt_image_and_an_out_dir_that_is_a_file_fail_at_start_up(world, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = run_lppo(world, tmp_path / "o", f"--eval_benign={empty}")
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == \
+        f"error: {empty}: no prompts; expected at least one held-out prompt (or eval_benign='')"
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "w5", "image": "broken.png", "id": "r1"}) + "\n")
+    p = run_lppo(world, tmp_path / "o", f"--eval_harmful={rows}")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == f"error: prompt r1: {tmp_path / 'broken.png'}: not a readable image " \
+        "(UnidentifiedImageError)"
+    (tmp_path / "afile").write_text("x")
+    p = run_lppo(world, tmp_path / "afile")
+    assert p.returncode == 1 and "is a file; expected a folder" in p.stderr.strip().splitlines()[-1]
+
+
+def test_a_prompt_longer_than_the_context_is_cut_with_a_notice(world, tmp_path):
+    long = tmp_path / "long.jsonl"
+    words = " ".join(f"w{3 + i % 90}" for i in range(400))  # the tiny context holds 256 tokens
+    long.write_text("".join(json.dumps({"prompt": words, "image": str(world / "images" / "0.png")}) + "\n"
+                            for _ in range(4)))
+    p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{long}']", "--max_iters=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "note: 1 prompts are longer than the 250 tokens" in p.stdout
+
+
+def test_a_planted_checkpoint_runs_no_code_on_resume(world, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "o").mkdir()
+    torch.save({"config": Payload()}, tmp_path / "o" / "ckpt.pt")
+    p = run_lppo(world, tmp_path / "o", "--resume")
+    assert p.returncode == 1 and not marker.exists()
+    assert "ckpt.pt: not a checkpoint of this project" in p.stderr.strip().splitlines()[-1]
+
+
+def test_resume_refuses_a_changed_setting(world, tmp_path):
+    assert run_lppo(world, tmp_path / "o", "--max_iters=1").returncode == 0
+    for override, key in (("--image_layer=3", "image_layer was 2, now 3"), ("--lora_r=4", "lora_r was 8, now 4"),
+                          ("--learning_rate=0.5", "learning_rate was 0.01, now 0.5")):
+        p = run_lppo(world, tmp_path / "o", "--max_iters=2", "--resume", override)
+        assert p.returncode == 1 and key in p.stderr.strip().splitlines()[-1], p.stderr[-1500:]
+    # the checkpoint it refused is still the one the first run wrote
+    assert trainable(tmp_path / "o")["iter_num"] == 1
 
 
 # ---------------------------------------------------------------------------- one update, one rank vs two
@@ -172,11 +234,12 @@ def _update(rank, world_size, folder, result_file, nan_on_rank=None):
     if rank == nan_on_rank:
         adv[rows.start + 1, 2] = float("nan")  # one poisoned token on one rank only
     opt = torch.optim.SGD(params, lr=1.0)
+    ro = {**batch, "tokens": tokens, "mask": mask, "layers": layers, "old_logprobs": old_lp, "old_values": old_v,
+          "advantages": adv, "returns": ret}
     try:
-        ppo_update(vlm, params, opt, {k: v[rows] for k, v in batch.items()}, tokens[rows], mask[rows], layers[rows],
-                   old_lp[rows], old_v[rows], adv[rows], ret[rows], ppo_epochs=1, minibatch_size=local,
+        ppo_update(vlm, opt, {k: v[rows] for k, v in ro.items()}, ppo_epochs=1, minibatch_size=local,
                    micro_batch_size=2, clip_eps=0.2, clip_eps_v=0.2, vf_coef=0.1, grad_clip=0.0, temperature=0.7,
-                   seed=0, world_size=world_size)
+                   generator=torch.Generator().manual_seed(0))
         outcome = "stepped"
     except FloatingPointError as e:
         outcome = f"FloatingPointError: {e}"

@@ -156,13 +156,9 @@ def clipped_value_loss(values, old_values, returns, mask, clip_eps_v):
 
 
 def response_forward(vlm, ro, temperature, with_values=True):
-    """Logprobs, entropies and values (B, n) of rollout ro's response tokens given its prompt and the image features
-    of its layers.
-
-    The state before emitting y_t is the hidden state at the position just before it: the last prompt
-    position for y_1, and so on. The same function scores rollouts, the reference and training steps,
-    so all three see identical numerics, temperature included.
-    """
+    """Logprobs, entropies and values (B, n) of the response tokens of rollout ro, at its image layers. It scores
+    rollouts, the reference and training steps, so all three see identical numerics, temperature included."""
+    # the state before y_t is the hidden state one position earlier: the last prompt position for y_1
     T0 = ro["input_ids"].shape[1]
     ids = torch.cat([ro["input_ids"], ro["tokens"]], 1)
     mask = torch.cat([ro["attention_mask"], ro["mask"]], 1)
@@ -174,17 +170,12 @@ def response_forward(vlm, ro, temperature, with_values=True):
     return logprobs, entropy, values
 
 
-def rows_of(ro, idx):
-    """Rows `idx` of every tensor of a rollout."""
-    return {k: v[idx] for k, v in ro.items()}
-
-
 @torch.no_grad()
 def score_rollout(vlm, ro, temperature, micro_batch_size, ctx=None):
     """Old logprobs and values (the policy) and reference logprobs (adapters off), micro-batched, float32."""
     old_logprobs, old_values, ref_logprobs = [], [], []
     for i in range(0, ro["tokens"].shape[0], micro_batch_size):
-        mb = rows_of(ro, slice(i, i + micro_batch_size))
+        mb = {k: v[i:i + micro_batch_size] for k, v in ro.items()}
         with ctx or nullcontext():
             lp, _, v = response_forward(vlm, mb, temperature)
             with lora_disabled(vlm):  # the reference policy π_SFT: the same weights, adapters switched off
@@ -207,7 +198,7 @@ def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_si
         perm = torch.randperm(n, generator=generator).to(ro["tokens"].device)
         for start in range(0, n, minibatch_size):
             for m0 in range(start, start + minibatch_size, micro_batch_size):
-                mb = rows_of(ro, perm[m0:m0 + micro_batch_size])
+                mb = {k: v[perm[m0:m0 + micro_batch_size]] for k, v in ro.items()}
                 with ctx or nullcontext():
                     logprobs, entropy, values = response_forward(vlm, mb, temperature)
                 pg_loss, pg_stats = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
@@ -317,32 +308,32 @@ def main():
     ddp, rank, local_rank, world_size, dev = compute_init(device)
     config = {**{k: globals()[k] for k in config_keys}, "world_size": world_size}
     master = rank == 0
+    print0 = print if master else lambda *args: None
     ctx = autocast(dev, dtype)  # weights stay in dtype; LoRA and the value head keep float32 masters
     torch.manual_seed(seed_for("init", seed))  # the same LoRA initialisation on every rank
     barrier = dist.barrier if ddp else (lambda: None)
 
     # -------------------------------------------------------------------------
     # the policy (also the reference, with its adapters off), the reward model and the prompts
-    if master:
+    if master:  # a bad out_dir fails now; the smol world's safety stage and reward model are built on first use
         check_writable_dir(out_dir)
-    # the smol world's safety stage and reward model, built on first use
-    if master and init_from == "data/smol/smol-llava" and not os.path.isfile(os.path.join(init_from, "config.json")):
-        print("data/smol/smol-llava/ is missing: building it with python sft.py config/smol_sft.py")
-        subprocess.run([sys.executable, "sft.py", "config/smol_sft.py"], cwd=os.path.dirname(__file__) or ".", check=True)
-    if master and reward_model == "out/smol-rm":
-        ensure_smol_reward_model(reward_model)
+        if init_from == "data/smol/smol-llava" and not os.path.isfile(os.path.join(init_from, "config.json")):
+            print("data/smol/smol-llava/ is missing: building it with python sft.py config/smol_sft.py")
+            subprocess.run([sys.executable, "sft.py", "config/smol_sft.py"], check=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        if reward_model == "out/smol-rm":
+            ensure_smol_reward_model(reward_model)
     barrier()
     vlm = VLM.from_pretrained(init_from, device=dev, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     tok = load_tokenizer(vlm.source_path)
     rm = RewardModel.from_pretrained(reward_model, device=dev)
     image_layers = image_layer if isinstance(image_layer, list) else [image_layer]
     if not image_layers:
-        raise InputError("image_layer is an empty list; expected a layer or a list of layers")
+        raise InputError("image_layer=[]; expected a layer or a list of layers")
     for layer in image_layers:
         vlm.image_layer_index(layer)  # an out-of-range layer fails now
     default_layer = vlm.config.vision_feature_layer
-    train_rows = [row for path in ([prompt_files] if isinstance(prompt_files, str) else prompt_files)
-                  for row in read_prompt_jsonl(path, image_root)]
+    train_rows = [row for path in prompt_files for row in read_prompt_jsonl(path, image_root)]
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         raise InputError(f"batch_size={batch_size} must be a multiple of minibatch_size={minibatch_size}, itself a "
                          f"multiple of micro_batch_size={micro_batch_size}")
@@ -371,10 +362,8 @@ def main():
     kl_ctl = KLController(kl_coef, kl_target or None, kl_horizon)
     if compile:
         vlm.language_model.compile(dynamic=True)
-    if master:
-        print(f"policy: {init_from} | trainable {sum(p.numel() for p in params) / 1e6:.2f}M (LoRA r={lora_r} on "
-              f"{lora_targets} + value head) | image layers {image_layers} (default {default_layer}) | "
-              f"{world_size} rank(s) on {dev}, {dtype}")
+    print0(f"policy: {init_from} | trainable {sum(p.numel() for p in params) / 1e6:.2f}M (LoRA r={lora_r} on "
+           f"{lora_targets} + value head) | image layers {image_layers} | {world_size} rank(s) on {dev}, {dtype}")
 
     # -------------------------------------------------------------------------
     # checkpoints: adapters, value head, optimizer and KL coefficient, written atomically. Every random draw is named
@@ -389,8 +378,7 @@ def main():
                 own[k].copy_(v)
         optimizer.load_state_dict(ckpt["optimizer"])
         kl_ctl.value, iter_num, history = ckpt["kl_coef"], ckpt["iter_num"], ckpt["history"]
-        if master:
-            print(f"resumed from {ckpt_path} at iteration {iter_num}")
+        print0(f"resumed from {ckpt_path} at iteration {iter_num}")
 
     def refusal_rate(rows, layer):
         responses = generate_responses(vlm, tok, rows, layer, eval_max_new_tokens, batch_size=batch_size,
@@ -457,10 +445,10 @@ def main():
         t3 = time.time()
         # 8. statistics averaged over ranks in one all-reduce, the KL valve, the KL controller (which sees the mean
         #    summed KL per response), evaluation and checkpoint
-        numbers = {"score": scores.mean(), "kl": kl.sum(1).mean(), "rlhf_reward": (scores - kl_ctl.value * kl.sum(1)).mean(),
-                   "resp_len": ro["mask"].sum(1).float().mean(), "eos_frac": has_eos.float().mean(),
-                   **{k: torch.stack(v).mean() for k, v in stats.items()}}
-        values = torch.stack([v.float() for v in numbers.values()])
+        numbers = {"score": scores, "kl": kl.sum(1), "rlhf_reward": scores - kl_ctl.value * kl.sum(1),
+                   "resp_len": ro["mask"].sum(1), "eos_frac": has_eos, **stats}
+        values = torch.stack([torch.stack(v).mean() if isinstance(v, list) else v.float().mean()
+                              for v in numbers.values()])
         if ddp:
             dist.all_reduce(values)
             values /= world_size

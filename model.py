@@ -13,9 +13,12 @@ here: asking for layer l runs only the first l CLIP blocks.
 Weights come from Hugging Face llava checkpoints (safetensors, any of the three key layouts that exist);
 only the weights are read, every module below is our own. Module names follow Hugging Face's so that
 checkpoint keys map onto them by stripping a prefix. Also here: LoRA, the PPO value head, batched
-generation with a static KV cache, the tokenizer and prompt, and CLIP image preprocessing.
+generation with a static KV cache, the tokenizer and prompt, and CLIP image preprocessing; and the pieces
+every stage shares, once: the one safetensors loader, atomic writes, JSONL and prompt-set readers, DDP and
+precision setup, named seeds, the learning-rate schedule, and result tables and plots.
 """
 
+import csv
 import gzip
 import hashlib
 import json
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -1393,7 +1396,6 @@ def markdown_table(header, rows):
 
 def write_csv(path, header, rows):
     """A CSV file; None is an empty cell."""
-    import csv
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -1406,7 +1408,6 @@ PLOT_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (2
 def line_plot(panels, path, columns=None):
     """Panels in a grid (one row unless `columns`) in one PNG, drawn with PIL: each {"title", "series": {name:
     [(x, y), ...]}, "mark": x or None (a dashed vertical line, e.g. at the default layer)}."""
-    from PIL import ImageDraw, ImageFont
     W, H = 380, 280  # one panel
     columns = columns or len(panels)
     image = Image.new("RGB", (W * columns, H * math.ceil(len(panels) / columns)), "white")

@@ -6,30 +6,33 @@ Llama decoder of model.py, for the smol world's reward model (SmolLM2 with a hea
 Checkpoints are transformers' GPT2ForSequenceClassification / LlamaForSequenceClassification folders.
 
 The top of this file holds the reusable parts: the loss, HH-RLHF transcript handling, a GPT-2 tokenizer built with
-tiktoken from a checkpoint's own vocab.json and merges.txt, and the RewardModel. The training program is at the
-bottom:
+tiktoken from a checkpoint's own vocab.json and merges.txt, and the RewardModel. The training program, main(), is
+at the bottom, after its default config:
 
     python reward.py config/smol_rm.py                             # the smol world's RM, ~N minutes on 2 CPU cores
     torchrun --standalone --nproc_per_node=8 reward.py config/gpt2_hh_rm.py   # the paper's GPT-2 on HH-RLHF
 """
 
-import gzip
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from model import (GPT2_CONV1D_WEIGHTS, GPT2Model, InputError, LlamaModel, LoRALinear, VLM, VLMConfig,
-                   atomic_folder, atomic_save_safetensors, build_mask, check_writable_dir, config_from_hf,
-                   config_to_hf, gpt2_config_from_hf, gpt2_config_to_hf, load_tokenizer, load_weights, read_json,
-                   resolve_checkpoint, rope_inv_freq)
+from model import (GPT2_CONV1D_WEIGHTS, GPT2Model, InputError, LlamaModel, LoRALinear, VLM, VLMConfig, add_lora,
+                   atomic_folder, atomic_save_safetensors, autocast, build_mask, check_writable_dir, compute_init,
+                   config_from_hf, config_to_hf, get_lr, gpt2_config_from_hf, gpt2_config_to_hf, load_tokenizer,
+                   load_weights, read_json, read_jsonl, resolve_checkpoint, rope_inv_freq)
 
 # -----------------------------------------------------------------------------
 # Bradley-Terry loss
@@ -69,33 +72,20 @@ def format_hh(prompt, response):
 def read_preference_jsonl(path, hh=False):
     """Read HH-RLHF style {"chosen": str, "rejected": str} lines (.jsonl, or .jsonl.gz as Anthropic ships them)
     into a list of (chosen, rejected) pairs; hh=True also checks that each text is an HH transcript."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
     pairs = []
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object with 'chosen' and 'rejected', "
-                                 f"got {type(record).__name__}")
-            for key in ("chosen", "rejected"):
-                if not isinstance(record.get(key), str):
-                    raise InputError(f"{path}:{lineno}: key {key!r} should be a string, got {record.get(key)!r:.60}")
-                if hh:
-                    try:
-                        split_hh(record[key])
-                    except ValueError as e:
-                        raise InputError(f"{path}:{lineno}: {key!r} is not an HH-RLHF transcript: {e}") from None
-            # an identical pair carries no preference, and would pull the loss towards log 2 for nothing
-            if record["chosen"] == record["rejected"]:
-                raise InputError(f"{path}:{lineno}: 'chosen' and 'rejected' are identical")
-            pairs.append((record["chosen"], record["rejected"]))
+    for lineno, record in read_jsonl(path):
+        for key in ("chosen", "rejected"):
+            if not isinstance(record.get(key), str):
+                raise InputError(f"{path}:{lineno}: key {key!r} should be a string, got {record.get(key)!r:.60}")
+            if hh:
+                try:
+                    split_hh(record[key])
+                except ValueError as e:
+                    raise InputError(f"{path}:{lineno}: {key!r} is not an HH-RLHF transcript: {e}") from None
+        # an identical pair carries no preference, and would pull the loss towards log 2 for nothing
+        if record["chosen"] == record["rejected"]:
+            raise InputError(f"{path}:{lineno}: 'chosen' and 'rejected' are identical")
+        pairs.append((record["chosen"], record["rejected"]))
     if not pairs:
         raise InputError(f"{path}: no preference pairs, expected one JSON object per line")
     return pairs
@@ -274,8 +264,9 @@ class RewardModel(nn.Module):
         d = read_json(where)
         model_type, archs = d.get("model_type"), d.get("architectures") or []
         if not init_head and not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise InputError(f"{where}: architectures {archs} has no reward head, expected GPT2ForSequenceClassification "
-                             "or LlamaForSequenceClassification (train one with reward.py)")
+            raise InputError(f"{where}: architectures {archs} has no reward head, expected "
+                             "GPT2ForSequenceClassification or LlamaForSequenceClassification "
+                             "(train one with reward.py)")
         if model_type == "llava":
             vlm = VLM.from_pretrained(path, device, dtype)
             with torch.device("meta"):
@@ -374,27 +365,19 @@ def merged_state_dict(module):
 
 def choose_trainable(rm, train_mode, last_k_blocks=1, lora_r=8, lora_alpha=16, lora_targets=()):
     """Freeze rm but for what train_mode trains, and return those parameters. Always the head; "last_k" also the
-    last k blocks and the final norm; "lora" also LoRA adapters on the linears named in lora_targets."""
-    rm.requires_grad_(False)
-    rm.head.requires_grad_(True)
+    last k blocks and the final norm; "lora" also LoRA adapters on the backbone's linears named in lora_targets."""
     blocks = rm.blocks()
+    if train_mode not in ("head", "last_k", "lora"):
+        raise InputError(f"train_mode={train_mode!r}, expected 'head', 'last_k' or 'lora'")
+    if train_mode == "last_k" and not 1 <= last_k_blocks <= len(blocks):
+        raise InputError(f"last_k_blocks={last_k_blocks}, expected 1..{len(blocks)} (the backbone's blocks)")
+    rm.requires_grad_(False)
+    if train_mode == "lora":  # add_lora leaves the adapters the backbone's only trainable weights
+        add_lora(rm.backbone, lora_targets, lora_r, lora_alpha, 0.0)
+    rm.head.requires_grad_(True)
     if train_mode == "last_k":
-        if not 1 <= last_k_blocks <= len(blocks):
-            raise InputError(f"last_k_blocks={last_k_blocks}, expected 1..{len(blocks)} (the backbone's blocks)")
         blocks[len(blocks) - last_k_blocks:].requires_grad_(True)
         (rm.backbone.ln_f if rm.model_type == "gpt2" else rm.backbone.norm).requires_grad_(True)
-    elif train_mode == "lora":
-        n = 0
-        for module in list(rm.backbone.modules()):
-            for name, child in list(module.named_children()):
-                if name in lora_targets and isinstance(child, nn.Linear):
-                    setattr(module, name, LoRALinear(child, lora_r, lora_alpha, 0.0))
-                    n += 1
-        if n == 0:
-            raise InputError(f"lora_targets={list(lora_targets)} match no linear layer of the {rm.model_type} backbone "
-                             f"(expected names like {'c_attn, c_proj, c_fc' if rm.model_type == 'gpt2' else 'q_proj, v_proj'})")
-    elif train_mode != "head":
-        raise InputError(f"train_mode={train_mode!r}, expected 'head', 'last_k' or 'lora'")
     return [p for p in rm.parameters() if p.requires_grad]
 
 
@@ -409,117 +392,85 @@ def ensure_smol_reward_model(out_dir="out/smol-rm"):
     return out_dir
 
 # -----------------------------------------------------------------------------
-# Training: Bradley-Terry on preference pairs, held-out pairwise accuracy, nanoGPT style
+# default config values: the smol world's reward model (config/smol_rm.py; config/gpt2_hh_rm.py is the paper's);
+# config/*.py and --key=value override them (configurator.py)
+# I/O
+init_from = "data/smol/smol-llava-base"     # a reward model folder, a GPT-2 or Llama LM, or a llava folder
+train_file = "data/smol/prefs_train.jsonl"  # HH-RLHF JSONL {"chosen", "rejected"}, .jsonl or .jsonl.gz
+test_file = "data/smol/prefs_test.jsonl"    # held out: scored, never trained on
+out_dir = "out/smol-rm"                     # the reward model folder, rewritten at every eval
+# what trains: always the head; "last_k" also the last last_k_blocks blocks, "lora" also LoRA adapters
+train_mode = "last_k"
+last_k_blocks = 4
+lora_r = 8
+lora_alpha = 16
+lora_targets = []                           # [] = attention projections (q/k/v/o_proj; GPT-2: c_attn, c_proj)
+max_length = 0                              # tokens per transcript, prompt cut from the left; 0 = the context
+# optimization
+batch_size = 8                              # pairs per rank per micro step
+gradient_accumulation_steps = 1
+max_iters = 100
+learning_rate = 1e-4
+min_lr = 1e-5                               # cosine decay to min_lr at max_iters, after warmup_iters
+warmup_iters = 5
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# logging
+eval_interval = 25
+eval_batch_size = 16
+log_interval = 5
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+compile = False
+seed = 1337
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
+               and isinstance(v, (int, float, bool, str, list, type(None)))]
+# what the configurator checks before any work is done
+POSITIVE = ("last_k_blocks", "lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "max_iters",
+            "learning_rate", "eval_interval", "eval_batch_size", "log_interval")
+CHOICES = {"train_mode": ("head", "last_k", "lora"), "dtype": ("float32", "bfloat16")}
+# -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
-    import math
-    import time
-    from contextlib import nullcontext
 
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from tqdm import tqdm
-
-    # -----------------------------------------------------------------------------
-    # default config: the smol world's reward model (config/smol_rm.py; config/gpt2_hh_rm.py is the paper's)
-    # I/O
-    init_from = "data/smol/smol-llava-base"     # a reward model folder, a GPT-2 or Llama LM, or a llava folder
-    train_file = "data/smol/prefs_train.jsonl"  # HH-RLHF JSONL {"chosen", "rejected"}, .jsonl or .jsonl.gz
-    test_file = "data/smol/prefs_test.jsonl"    # held out: scored, never trained on
-    out_dir = "out/smol-rm"                     # the reward model folder, rewritten at every eval
-    # what trains: always the head; "last_k" also the last last_k_blocks blocks, "lora" also LoRA adapters
-    train_mode = "last_k"
-    last_k_blocks = 4
-    lora_r = 8
-    lora_alpha = 16
-    lora_targets = []                           # [] = attention projections (q/k/v/o_proj; GPT-2: c_attn, c_proj)
-    max_length = 0                              # tokens per transcript, prompt cut from the left; 0 = the context
-    # optimization
-    batch_size = 8                              # pairs per rank per micro step
-    gradient_accumulation_steps = 1
-    max_iters = 100
-    learning_rate = 1e-4
-    min_lr = 1e-5                               # cosine decay to min_lr at max_iters, after warmup_iters
-    warmup_iters = 5
-    weight_decay = 0.0
-    beta1 = 0.9
-    beta2 = 0.95
-    grad_clip = 1.0
-    # logging
-    eval_interval = 25
-    eval_batch_size = 16
-    log_interval = 5
-    # system
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    compile = False
-    seed = 1337
-    # -----------------------------------------------------------------------------
-    config_keys = [k for k, v in globals().items()
-                   if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, list))]
-    # what the configurator checks before any work is done
-    POSITIVE = ("last_k_blocks", "lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "max_iters",
-                "learning_rate", "eval_interval", "eval_batch_size", "log_interval")
-    CHOICES = {"train_mode": ("head", "last_k", "lora"), "dtype": ("float32", "bfloat16")}
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+def main():
+    """Bradley-Terry training on preference pairs, with the held-out pairwise accuracy at every eval."""
     config = {k: globals()[k] for k in config_keys}
-
-    # DDP: the same script runs under python and torchrun; each rank takes its slice of every batch
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-    else:
-        rank, local_rank, world_size = 0, 0, 1
+    ddp, rank, local_rank, world_size, dev = compute_init(device)
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
-    torch.manual_seed(seed + rank)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    # float32 weights; on CUDA autocast runs the matmuls in bf16, the head stays float32
-    ctx = nullcontext() if device_type == "cpu" else torch.amp.autocast(device_type=device_type,
-                                                                         dtype=getattr(torch, dtype))
-    torch.backends.cuda.matmul.allow_tf32 = True
+    ctx = autocast(dev, dtype)  # float32 weights; on CUDA the matmuls run in dtype, the head stays float32
+    torch.manual_seed(seed)  # the same head and LoRA initialisation in every process
 
-    def fail(msg):
-        print(f"error: {msg}", file=sys.stderr)
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
-
-    # -----------------------------------------------------------------------------
     # data and model; the smol world's base model and preference pairs are built on first use
-    try:
-        if master:
-            check_writable_dir(out_dir)
-        smol_files = [f for f in (train_file, test_file) if f.startswith("data/smol/prefs_")]
-        if (init_from == "data/smol/smol-llava-base" or smol_files) and master:
-            from data.smol.prepare import prepare
-            prepare()
-            if not all(os.path.isfile(f) for f in smol_files):
-                from data.smol.build_preferences import build_preferences
-                build_preferences()
-        if ddp:
-            dist.barrier()
-        train_pairs = read_preference_jsonl(train_file, hh=True)
-        test_pairs = read_preference_jsonl(test_file, hh=True)
-        rm = RewardModel.from_pretrained(init_from, device=device, init_head=True)
-        if max_length:
-            rm.max_length = max_length
-        targets = lora_targets or (["c_attn", "c_proj"] if rm.model_type == "gpt2" else
-                                   ["q_proj", "k_proj", "v_proj", "o_proj"])
-        params = choose_trainable(rm, train_mode, last_k_blocks, lora_r, lora_alpha, targets)
-    except InputError as e:
-        fail(e)
+    if master:
+        check_writable_dir(out_dir)
+    smol_files = [f for f in (train_file, test_file) if f.startswith("data/smol/prefs_")]
+    if (init_from == "data/smol/smol-llava-base" or smol_files) and master:
+        from data.smol.prepare import prepare
+        prepare()
+        if not all(os.path.isfile(f) for f in smol_files):
+            from data.smol.build_preferences import build_preferences
+            build_preferences()
+    if ddp:
+        torch.distributed.barrier()
+    train_pairs = read_preference_jsonl(train_file, hh=True)
+    test_pairs = read_preference_jsonl(test_file, hh=True)
+    rm = RewardModel.from_pretrained(init_from, device=dev, init_head=True)
+    if max_length:
+        rm.max_length = max_length
+    targets = lora_targets or (["c_attn", "c_proj"] if rm.model_type == "gpt2" else
+                               ["q_proj", "k_proj", "v_proj", "o_proj"])
+    params = choose_trainable(rm, train_mode, last_k_blocks, lora_r, lora_alpha, targets)
     # each pair as two token-id lists: (chosen transcript, rejected transcript)
     train = [(rm.encode_hh(*split_hh(c)), rm.encode_hh(*split_hh(r))) for c, r in train_pairs]
     test = [(rm.encode_hh(*split_hh(c)), rm.encode_hh(*split_hh(r))) for c, r in test_pairs]
     global_batch = batch_size * gradient_accumulation_steps * world_size
     if len(train) < global_batch:
-        fail(f"{train_file}: {len(train)} pairs, fewer than one batch of {global_batch} "
-             "(batch_size x gradient_accumulation_steps x ranks)")
+        raise InputError(f"{train_file}: {len(train)} pairs, fewer than one batch of {global_batch} "
+                         "(batch_size x gradient_accumulation_steps x ranks)")
     n_trainable = sum(p.numel() for p in params)
     print0(f"reward: {rm.model_type} backbone from {init_from}, training {train_mode} "
            f"({n_trainable / 1e6:.2f}M of {sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters); "
@@ -529,15 +480,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
     model = torch.compile(rm) if compile else rm
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
     pad_id = 0 if rm.pad_token_id is None else rm.pad_token_id
-
-    def get_lr(it):
-        """Linear warmup, then cosine decay to min_lr at max_iters."""
-        if it < warmup_iters:
-            return learning_rate * (it + 1) / (warmup_iters + 1)
-        ratio = (it - warmup_iters) / max(1, max_iters - warmup_iters)
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
     def held_out():
         """BT loss, pairwise accuracy and mean scores on the held-out pairs, each rank scoring its share."""
@@ -550,7 +494,7 @@ if __name__ == "__main__":
         sums = torch.stack([-F.logsigmoid(c - r).sum(), (c > r).float().sum(), c.sum(), r.sum(),
                             torch.tensor(float(len(mine)), device=c.device)])
         if ddp:
-            dist.all_reduce(sums)
+            torch.distributed.all_reduce(sums)
         n = sums[4].item()
         return {"loss": sums[0].item() / n, "accuracy": sums[1].item() / n,
                 "mean_chosen": sums[2].item() / n, "mean_rejected": sums[3].item() / n}
@@ -563,7 +507,6 @@ if __name__ == "__main__":
             for i in range(0, len(perm) - global_batch + 1, global_batch):
                 yield perm[i:i + global_batch]
 
-    # -----------------------------------------------------------------------------
     # training loop
     rm.train()
     stream = batches()
@@ -574,28 +517,26 @@ if __name__ == "__main__":
         if (it % eval_interval == 0 and it > 0) or it == max_iters:
             stats = held_out()
             if not math.isfinite(stats["loss"]):
-                fail(f"iteration {it}: held-out loss {stats['loss']}; stopped before saving, {out_dir} holds the last "
-                     "good reward model")
+                bar.close()
+                raise InputError(f"iteration {it}: held-out loss {stats['loss']}; stopped before saving, {out_dir} "
+                                 "holds the last good reward model")
             log(f"iter {it}: held-out accuracy {stats['accuracy']:.2%}, BT loss {stats['loss']:.4f}, "
                 f"mean score chosen {stats['mean_chosen']:+.3f} rejected {stats['mean_rejected']:+.3f}")
             if master:
                 record = {"iter": it, "max_iters": max_iters, "finished": it == max_iters, "held_out": stats,
                           "train_seconds": round(time.time() - t_start, 1), "config": config}
-                try:
-                    rm.save_pretrained(out_dir, extra_files={"reward_train.json": record})
-                except InputError as e:
-                    fail(e)
+                rm.save_pretrained(out_dir, extra_files={"reward_train.json": record})
         if it == max_iters:
             break
         t0 = time.time()
-        lr = get_lr(it)
+        lr = get_lr(it, learning_rate, warmup_iters, max_iters, min_lr)  # cosine decay to min_lr at max_iters
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = next(stream)
         for micro in range(gradient_accumulation_steps):
             start = (micro * world_size + rank) * batch_size
             mine = batch[start:start + batch_size]
-            ids, mask = right_pad([train[i][0] for i in mine] + [train[i][1] for i in mine], pad_id, device)
+            ids, mask = right_pad([train[i][0] for i in mine] + [train[i][1] for i in mine], pad_id, dev)
             if ddp:  # average gradients across ranks only on the last micro step
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             with ctx:
@@ -607,11 +548,11 @@ if __name__ == "__main__":
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
         loss_now = loss.detach().clone()
         if ddp:
-            dist.all_reduce(loss_now)
+            torch.distributed.all_reduce(loss_now)
         if not (torch.isfinite(loss_now) and torch.isfinite(grad_norm)):
             bar.close()
-            fail(f"iteration {it}: loss {loss_now.item() / world_size}, gradient norm {grad_norm.item()}; stopped "
-                 f"before the optimizer step, {out_dir} holds the last good reward model")
+            raise InputError(f"iteration {it}: loss {loss_now.item() / world_size}, gradient norm {grad_norm.item()}; "
+                             f"stopped before the optimizer step, {out_dir} holds the last good reward model")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
@@ -622,4 +563,12 @@ if __name__ == "__main__":
     bar.close()
     print0(f"reward: trained in {time.time() - t_start:.0f}s; saved to {out_dir}")
     if ddp:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")

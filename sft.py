@@ -12,21 +12,20 @@ tokens and the padding are masked out (label -100).
     python sft.py config/smol_sft.py --resume                      # continue from out_dir/ckpt.pt
 """
 
-import hashlib
-import json
 import math
 import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from model import (VLM, InputError, add_lora, atomic_torch_save, check_writable_dir, encode_prompt, fit_prompt,
-                   load_image, load_tokenizer, lora_state_dict, merge_lora, preprocess_image, resolve_checkpoint,
-                   save_lora)
+from model import (VLM, InputError, add_lora, atomic_torch_save, autocast, check_writable_dir, compute_init,
+                   encode_prompt, fit_prompt, generator_for, get_lr, load_image, load_resume_checkpoint, load_tokenizer,
+                   lora_state_dict, merge_lora, preprocess_image, read_jsonl, resolve_checkpoint, save_lora, seed_for)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 
@@ -41,28 +40,16 @@ def read_sft_jsonl(paths):
     """
     rows = []
     for path in [p.strip() for p in paths.split(",") if p.strip()]:
-        if not os.path.isfile(path):
-            raise InputError(f"{path}: data file not found")
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{where}: expected an object {{\"image\", \"prompt\", \"response\"}}, "
-                                     f"got a JSON {type(row).__name__}")
-                for key in ("image", "prompt", "response"):
-                    if not isinstance(row.get(key), str):
-                        got = "missing" if key not in row else f"{row[key]!r}"
-                        raise InputError(f"{where}: field {key!r} is {got}, expected a string")
-                image = os.path.join(os.path.dirname(path), row["image"])
-                if not os.path.isfile(image):
-                    raise InputError(f"{where}: image file {image} not found")
-                rows.append({"image": image, "prompt": row["prompt"], "response": row["response"], "where": where})
+        for n, row in read_jsonl(path):
+            where = f"{path}:{n}"
+            for key in ("image", "prompt", "response"):
+                if not isinstance(row.get(key), str):
+                    got = "missing" if key not in row else f"{row[key]!r}"
+                    raise InputError(f"{where}: field {key!r} is {got}, expected a string")
+            image = os.path.join(os.path.dirname(path), row["image"])
+            if not os.path.isfile(image):
+                raise InputError(f"{where}: image file {image} not found")
+            rows.append({"image": image, "prompt": row["prompt"], "response": row["response"], "where": where})
     if not rows:
         raise InputError(f"{paths}: no examples; expected JSON lines "
                          "{\"image\": ..., \"prompt\": ..., \"response\": ...}")
@@ -144,12 +131,7 @@ def sft_loss(logits, labels, n_target):
 
 
 # -----------------------------------------------------------------------------
-# Randomness derived from (seed, step): a resumed run draws exactly what the uninterrupted run drew
-
-def seed_for(*key):
-    """A seed determined by `key` alone, so the same key gives the same random numbers in every run."""
-    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
-
+# Randomness named by (seed, step) keys (model.seed_for): a resumed run draws exactly what the uninterrupted run drew
 
 def batch_indices(n, step, size, seed):
     """Dataset indices of optimizer step `step`: the next `size` entries of a stream of per-epoch shuffles."""
@@ -157,7 +139,7 @@ def batch_indices(n, step, size, seed):
     for pos in range(step * size, (step + 1) * size):
         epoch = pos // n
         if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for("data", seed, epoch)))
+            perms[epoch] = torch.randperm(n, generator=generator_for("data", seed, epoch))
         out.append(int(perms[epoch][pos % n]))
     return out
 
@@ -166,18 +148,18 @@ def draw_layers(image_layer, size, seed, step):
     """One image layer per example: image_layer itself, or uniform draws from it when it is a list."""
     if not isinstance(image_layer, (list, tuple)):
         return [image_layer] * size
-    g = torch.Generator().manual_seed(seed_for("layer", seed, step))
+    g = generator_for("layer", seed, step)
     return [image_layer[int(i)] for i in torch.randint(len(image_layer), (size,), generator=g)]
 
 
-def get_lr(it, lr, warmup_iters, decay_iters, min_lr):
-    """Linear warmup, then cosine decay from lr to min_lr at decay_iters (nanoGPT's schedule)."""
-    if it < warmup_iters:
-        return lr * (it + 1) / (warmup_iters + 1)
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+# -----------------------------------------------------------------------------
+# The merged checkpoint folder
+
+def copy_tokenizer_files(src, dst):
+    """Everything in checkpoint folder src but weights and config.json: tokenizer, chat template, processor config."""
+    for name in sorted(os.listdir(src)):
+        if os.path.isfile(os.path.join(src, name)) and not name.startswith(("model", "config.json", ".")):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
 # -----------------------------------------------------------------------------
@@ -215,7 +197,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 compile = False
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
-               and isinstance(v, (int, float, bool, str, list, type(None))) and not isinstance(v, type(sys))]
+               and isinstance(v, (int, float, bool, str, list, type(None)))]
 # what the configurator checks before any work is done
 CONFIG_TYPES = {"image_layer": (type(None), int, list)}
 POSITIVE = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "learning_rate", "max_iters",
@@ -227,36 +209,11 @@ RESUME_MUST_MATCH = ("init_from", "data", "image_layer", "lora_r", "lora_alpha",
                      "lr_decay_iters", "weight_decay", "grad_clip", "seed")
 
 
-def copy_tokenizer_files(src, dst):
-    """Everything in checkpoint folder src but weights and config.json: tokenizer, chat template, processor config."""
-    for name in sorted(os.listdir(src)):
-        if os.path.isfile(os.path.join(src, name)) and not name.startswith(("model", "config.json", ".")):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-
-
 def main():
-    from torch.distributed import destroy_process_group, init_process_group
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from tqdm import tqdm
-
     config = {k: globals()[k] for k in config_keys}
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        dev = f"cuda:{local_rank}" if device.startswith("cuda") else device
-        if dev.startswith("cuda"):
-            torch.cuda.set_device(dev)
-    else:
-        rank, local_rank, world_size, dev = 0, 0, 1, device
+    ddp, rank, local_rank, world_size, dev = compute_init(device)
     master = rank == 0
-    device_type = "cuda" if dev.startswith("cuda") else "cpu"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    # frozen weights in ptdtype, LoRA weights in float32, matmuls in ptdtype under autocast on CUDA
-    ctx = nullcontext() if device_type == "cpu" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    ctx = autocast(dev, dtype)  # frozen weights in dtype, LoRA weights in float32, matmuls in dtype on CUDA
 
     if data == "data/smol/sft_train.jsonl" and not os.path.isfile(data):  # the smol world's data, built on first use
         if master:
@@ -270,7 +227,7 @@ def main():
     val_rows = read_sft_jsonl(val_data) if val_data else []
     path = resolve_checkpoint(init_from)
     tok = load_tokenizer(path)
-    vlm = VLM.from_pretrained(path, device=dev, dtype=ptdtype)
+    vlm = VLM.from_pretrained(path, device=dev, dtype=getattr(torch, dtype))
     cfg = vlm.config
     for layer in image_layer if isinstance(image_layer, (list, tuple)) else [image_layer]:
         vlm.image_layer_index(layer)  # an out-of-range layer fails here, not after the first step
@@ -284,13 +241,7 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     iter_num = 0
     if resume:
-        if not os.path.isfile(ckpt_path):
-            raise InputError(f"{ckpt_path}: no checkpoint to resume from (run once without --resume)")
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
-        for k in RESUME_MUST_MATCH:
-            if ckpt["config"].get(k) != config[k]:
-                raise InputError(f"{ckpt_path}: {k} was {ckpt['config'].get(k)!r}, now {config[k]!r}; "
-                                 "--resume needs the same value (or a new out_dir)")
+        ckpt = load_resume_checkpoint(ckpt_path, config, RESUME_MUST_MATCH, dev)
         own = vlm.state_dict()
         for k, v in ckpt["adapter"].items():
             own[k].copy_(v)
@@ -306,7 +257,7 @@ def main():
 
     model = torch.compile(vlm) if compile else vlm
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 
     def forward_loss(net, examples, layers, n_target):
         input_ids, labels, mask = collate(examples, cfg.pad_token_id)
@@ -370,8 +321,8 @@ def main():
             loss_sum = loss_t.item() / world_size
         if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             pbar.close()
-            raise FloatingPointError(f"iteration {it + 1}: loss {loss_sum}, gradient norm {grad_norm.item()}; stopped "
-                                     f"before the optimizer step, {ckpt_path} holds the last good state")
+            raise InputError(f"iteration {it + 1}: loss {loss_sum}, gradient norm {grad_norm.item()}; stopped before "
+                             f"the optimizer step, {ckpt_path} holds the last good state")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -394,12 +345,12 @@ def main():
         copy_tokenizer_files(path, target)
         print(f"merged the adapters into {target} (a llava checkpoint folder with {init_from}'s tokenizer)")
     if ddp:
-        destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
         main()
-    except (InputError, FloatingPointError) as e:
+    except InputError as e:
         sys.exit(f"error: {e}")

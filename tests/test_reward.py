@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import reward
 import tiny
-from model import InputError
+from model import InputError, LoRALinear
 from reward import RewardModel, choose_trainable, format_hh, read_preference_jsonl, right_pad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,20 +35,6 @@ def maxdiff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def make_gpt2_tokenizer(folder):
-    """A byte-level BPE trained on CORPUS, saved as GPT-2's vocab.json + merges.txt; returns the vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS * 3, trainer)
-    os.makedirs(folder, exist_ok=True)
-    tokenizer.model.save(str(folder))
-    return tokenizer.get_vocab_size()
-
-
 def perturb(model, head_std=1.0):
     """Random init leaves norms at 1 and biases at 0, and the head tiny; move them so that they are tested too."""
     with torch.no_grad():
@@ -62,7 +49,7 @@ def perturb(model, head_std=1.0):
 def make_tiny_gpt2(path, cls_name="GPT2ForSequenceClassification", seed=0, **kw):
     """Save a random transformers GPT-2 (with its tokenizer files) to `path` and return it in eval mode."""
     import transformers
-    vocab = make_gpt2_tokenizer(path)
+    vocab = tiny.make_gpt2_tokenizer(path, CORPUS, vocab_size=400)
     kw = {"num_labels": 1, **kw}
     cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0,
                                   eos_token_id=0, bos_token_id=0, **kw)  # <|endoftext|> is id 0
@@ -126,7 +113,8 @@ def test_gpt2_reward_loads_bare_keys_old_buffers_and_shards(gpt2, tmp_path):
     tiny.shard(tmp_path)
     ids, mask = right_pad(ragged([5, 11], 1, hf.config.vocab_size, seed=1), pad_id=0)
     with torch.no_grad():
-        assert maxdiff(RewardModel.from_pretrained(tmp_path)(ids, mask), hf(input_ids=ids, attention_mask=mask).logits[:, 0]) <= TOL
+        want = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
+        assert maxdiff(RewardModel.from_pretrained(tmp_path)(ids, mask), want) <= TOL
 
 
 def test_gpt2_score_of_text_matches_transformers_tokenizer_and_model(gpt2):
@@ -329,11 +317,21 @@ def test_choose_trainable_refuses_unknown_modes_and_block_counts(gpt2):
         choose_trainable(rm, "all")
     with pytest.raises(InputError, match=r"last_k_blocks=3, expected 1..2"):
         choose_trainable(rm, "last_k", last_k_blocks=3)
-    with pytest.raises(InputError, match="match no linear layer"):
+    with pytest.raises(InputError, match=r"\['q_proj'\] match no linear layer \(expected names from c_attn, c_fc, "
+                                         r"c_proj\)"):
         choose_trainable(rm, "lora", lora_targets=["q_proj"])
     params = choose_trainable(rm, "last_k", last_k_blocks=1)
     assert sum(p.numel() for p in params) == sum(p.numel() for p in [*rm.backbone.h[1].parameters(),
                                                                       *rm.backbone.ln_f.parameters(), rm.head.weight])
+
+
+def test_lora_mode_trains_the_head_and_the_adapters_only(gpt2):
+    rm = RewardModel.from_pretrained(gpt2[0])
+    params = choose_trainable(rm, "lora", lora_r=4, lora_targets=["c_attn"])
+    adapters = [m for m in rm.modules() if isinstance(m, LoRALinear)]
+    assert len(adapters) == 2  # one c_attn per block
+    want = [rm.head.weight] + [p for m in adapters for p in (m.lora_A, m.lora_B)]
+    assert {id(p) for p in params} == {id(p) for p in want}
 
 
 def test_preference_reader_checks_hh_transcripts_and_reads_gzip(tmp_path):
@@ -349,22 +347,29 @@ def test_preference_reader_checks_hh_transcripts_and_reads_gzip(tmp_path):
         read_preference_jsonl(tmp_path / "missing.jsonl")
 
 
-def test_a_diverging_run_stops_in_one_line_and_leaves_the_saved_reward_model_intact(tmp_path):
+def use_config(monkeypatch, **overrides):
+    """Set reward.py's config globals, as configurator.py would, for an in-process main()."""
+    for k, v in overrides.items():
+        assert k in reward.config_keys, k
+        monkeypatch.setattr(reward, k, v)
+
+
+def test_a_diverging_run_stops_in_one_line_and_leaves_the_saved_reward_model_intact(tmp_path, monkeypatch):
     make_tiny_gpt2(tmp_path / "lm", cls_name="GPT2LMHeadModel")
     train = write_jsonl(tmp_path / "train.jsonl", toy_pairs(TRAIN_THINGS))
     test = write_jsonl(tmp_path / "test.jsonl", toy_pairs(TEST_THINGS))
     out = tmp_path / "rm"
-    common = [f"--init_from={tmp_path / 'lm'}", f"--train_file={train}", f"--test_file={test}", f"--out_dir={out}",
-              "--train_mode=last_k", "--last_k_blocks=2", "--batch_size=4", "--eval_interval=1", "--warmup_iters=0",
-              "--device=cpu"]
-    assert run_reward(*common, "--max_iters=2").returncode == 0
+    use_config(monkeypatch, init_from=str(tmp_path / "lm"), train_file=str(train), test_file=str(test),
+               out_dir=str(out), train_mode="last_k", last_k_blocks=2, batch_size=4, eval_interval=1, warmup_iters=0,
+               device="cpu", dtype="float32", max_iters=2)
+    reward.main()
     # a learning rate of 1e30 sends the weights far out on the first step; the loss is NaN soon after
-    p = run_reward(*common, "--max_iters=6", "--learning_rate=1e30", "--min_lr=1e30")
-    assert p.returncode == 1
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: iteration ") and "stopped before" in last and "holds the last good" in last, \
-        p.stderr[-1500:]
-    stopped_at = int(last.split()[2].rstrip(":"))
+    use_config(monkeypatch, max_iters=6, learning_rate=1e30, min_lr=1e30)
+    with pytest.raises(InputError, match=r"^iteration \d+: .*stopped before .*holds the last good reward model$") \
+            as info:
+        reward.main()
+    assert "\n" not in str(info.value)
+    stopped_at = int(str(info.value).split()[1].rstrip(":"))
     record = json.loads((out / "reward_train.json").read_text())
     assert not record["finished"] and record["iter"] <= stopped_at
     weights = load_file(out / "model.safetensors")

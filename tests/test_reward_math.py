@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import tiny
 from reward import bradley_terry_loss, format_hh, gpt2_tiktoken_encoding, read_preference_jsonl, split_hh
 
 # -----------------------------------------------------------------------------
@@ -108,16 +109,8 @@ SAMPLES = [
 @pytest.fixture(scope="module")
 def tiny_gpt2_folder(tmp_path_factory):
     """A byte-level BPE trained on CORPUS, saved as GPT-2's vocab.json + merges.txt."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    # the full byte alphabet, or bytes absent from the corpus would have no token
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS * 3, trainer)
     folder = tmp_path_factory.mktemp("tiny_gpt2")
-    tokenizer.model.save(str(folder))
+    tiny.make_gpt2_tokenizer(folder, CORPUS, vocab_size=500)
     return folder
 
 

@@ -188,8 +188,8 @@ def test_bad_data_is_one_line_naming_file_and_line(world, tmp_path):
         (write("d.jsonl", json.dumps({"image": "nope.png", "prompt": "w5", "response": "w6"})),
          r"d.jsonl:1: image file .*nope.png not found"),
         (write("e.jsonl", "", "  "), r"e.jsonl: no examples"),
-        (write("f.jsonl", "[1, 2]"), r"f.jsonl:1: expected an object"),
-        (str(tmp_path / "missing.jsonl"), r"missing.jsonl: data file not found"),
+        (write("f.jsonl", "[1, 2]"), r"f.jsonl:1: expected a JSON object, got a JSON list"),
+        (str(tmp_path / "missing.jsonl"), r"missing.jsonl: file not found"),
         (write("g.jsonl", good, json.dumps({"image": "broken.png", "prompt": "w5", "response": "w6"})),
          r"g.jsonl:2: .*broken.png: not a readable image \(UnidentifiedImageError\)"),
     ]
@@ -213,7 +213,7 @@ def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_good_checkpo
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(sft, "sft_loss", diverging_loss)
-    with pytest.raises(FloatingPointError, match=r"iteration 2: loss nan.*stopped before the optimizer step"):
+    with pytest.raises(InputError, match=r"iteration 2: loss nan.*stopped before the optimizer step"):
         sft.main()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 1

@@ -88,3 +88,18 @@ def make_tiny_tokenizer(path, chat_template=None):
         fast.chat_template = chat_template
     fast.save_pretrained(path)
     return fast
+
+
+def make_gpt2_tokenizer(folder, corpus, vocab_size):
+    """A byte-level BPE trained on `corpus`, saved as GPT-2's vocab.json + merges.txt; returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # the full byte alphabet, or bytes absent from the corpus would have no token
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus * 3, trainer)
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.model.save(str(folder))
+    return tokenizer.get_vocab_size()

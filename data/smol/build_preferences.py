@@ -25,7 +25,7 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parents[1]))  # the repository root, for model.py and the stage scripts
 
 from evaluate import is_refusal  # noqa: E402  (the same refusal test the evaluation uses)
-from model import VLM, InputError, encode_batch, load_tokenizer  # noqa: E402
+from model import VLM, InputError, generate_responses, load_tokenizer, read_prompt_jsonl  # noqa: E402
 from reward import format_hh  # noqa: E402
 
 max_new_tokens = 48
@@ -38,26 +38,17 @@ tries = 4  # draws per prompt before a prompt whose every answer refused is left
 samples_per_prompt = {"train": 2, "test": 1}
 
 
-def read_prompts(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()]
-
-
 def sample_answers(vlm, tok, prompts, generator):
     """One sampled answer per prompt that is not a refusal (None where all `tries` draws refused)."""
     answers = [None] * len(prompts)
     for _ in range(tries):
         todo = [i for i, a in enumerate(answers) if a is None]
-        for s in range(0, len(todo), batch_size):
-            rows = todo[s:s + batch_size]
-            batch = encode_batch(tok, vlm.config, [prompts[i] for i in rows], images=None)
-            tokens, _ = vlm.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id,
-                                     generator=generator)
-            for i, text in zip(rows, tok.batch_decode(tokens, skip_special_tokens=True)):
-                text = text.strip()
-                if text and not is_refusal(text):
-                    answers[i] = text
+        texts = generate_responses(vlm, tok, [{"prompt": prompts[i], "image": None} for i in todo], None,
+                                   max_new_tokens, temperature, top_p, batch_size, generator)
+        for i, text in zip(todo, texts):
+            text = text.strip()
+            if text and not is_refusal(text):
+                answers[i] = text
     return answers
 
 
@@ -66,7 +57,8 @@ def build_split(vlm, tok, split, refusals, seed, samples):
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     records = []
-    prompts_of = {kind: read_prompts(here / f"{kind}_{split}.jsonl") for kind in ("harmful", "benign")}
+    prompts_of = {kind: [r["prompt"] for r in read_prompt_jsonl(here / f"{kind}_{split}.jsonl")]
+                  for kind in ("harmful", "benign")}
     for _ in range(samples):  # each pass draws a fresh answer and a fresh refusal for every prompt
         for kind, prompts in prompts_of.items():
             answers = sample_answers(vlm, tok, prompts, generator)

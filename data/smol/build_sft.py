@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent.parent))  # the repository root: model.py, evaluate.py, data.smol.prepare
 
 from data.smol.prepare import prepare  # noqa: E402
 from evaluate import is_refusal  # noqa: E402
-from model import VLM, InputError, encode_batch, load_image, load_tokenizer  # noqa: E402
+from model import VLM, InputError, generate_responses, load_tokenizer, read_prompt_jsonl  # noqa: E402
 
 base_dir = here / "smol-llava-base"
 out_path = here / "sft_train.jsonl"
@@ -42,11 +41,6 @@ resample_tries = 8
 resample_temperature = 0.7
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def first_sentences(text):
     """`text` up to its last complete sentence, for an answer that ran out of tokens mid-sentence."""
     ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)|\n", text)]
@@ -54,19 +48,11 @@ def first_sentences(text):
 
 
 def model_answers(vlm, tok, rows, temperature=0.0, generator=None, desc="base model answers"):
-    """The model's answer to each (prompt, image) row at the checkpoint's default image layer (greedy at T=0)."""
-    answers = []
-    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-        chunk = rows[i:i + batch_size]
-        images = [load_image(here / r["image"]) for r in chunk]
-        batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], images)
-        tokens, _ = vlm.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                                 temperature=temperature, generator=generator)
-        for row in tokens.tolist():
-            finished = tok.eos_token_id in row
-            text = tok.decode(row[:row.index(tok.eos_token_id)] if finished else row, skip_special_tokens=True)
-            answers.append(text.strip() if finished else first_sentences(text))
-    return answers
+    """The model's answer to each {"prompt", "image"} row at the checkpoint's default image layer (greedy at T=0)."""
+    print(f"smol sft: {desc} ({len(rows)} requests)")
+    texts, finished = generate_responses(vlm, tok, rows, None, max_new_tokens, temperature, batch_size=batch_size,
+                                         generator=generator, return_finished=True)
+    return [t.strip() if done else first_sentences(t) for t, done in zip(texts, finished)]
 
 
 def answers_without_refusals(vlm, tok, rows, seed):
@@ -94,13 +80,14 @@ def build_smol_sft(seed=0):
         return out_path
     prepare(base_dir)
     refusals = [line.strip() for line in open(here / "refusals.txt") if line.strip()]
-    harmful, benign = read_jsonl(here / "harmful_train.jsonl"), read_jsonl(here / "benign_train.jsonl")
+    harmful, benign = read_prompt_jsonl(here / "harmful_train.jsonl"), read_prompt_jsonl(here / "benign_train.jsonl")
     rng = random.Random(seed)
-    images = sorted(f"images/{p.name}" for p in (here / "images").glob("*.png"))
+    images = sorted(str(p) for p in (here / "images").glob("*.png"))
 
     def with_images(row):
-        """The request's own image and images_per_request - 1 others."""
-        return [row["image"]] + rng.sample([im for im in images if im != row["image"]], images_per_request - 1)
+        """The request's own image and images_per_request - 1 others, relative to this folder (sft_train.jsonl's)."""
+        others = rng.sample([im for im in images if im != row["image"]], images_per_request - 1)
+        return [os.path.relpath(im, here) for im in [row["image"]] + others]
     t0 = time.time()
     vlm, tok = VLM.from_pretrained(base_dir), load_tokenizer(base_dir)
     # SmolLM2 refuses a few harmless requests ("I'm sorry for any misunderstanding, but as a chatbot ..."):

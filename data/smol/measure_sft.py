@@ -23,7 +23,7 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent.parent))  # the repository root, for model.py and evaluate.py
 
 from evaluate import KEYWORD_JUDGE, is_refusal  # noqa: E402
-from model import VLM, InputError, encode_batch, load_image, load_tokenizer  # noqa: E402
+from model import VLM, InputError, generate_responses, load_tokenizer, read_prompt_jsonl  # noqa: E402
 
 model = "data/smol/smol-llava"
 out_dir = "out/measure_sft"
@@ -32,27 +32,12 @@ sweep_temperatures = [0.0]  # the every-layer sweep; add 0.7 for the sampled swe
 max_new_tokens = 48  # a refusal says so in its first sentence
 batch_size = 25
 seed = 0
-exec(open(here.parent.parent / "configurator.py").read())
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def respond(vlm, tok, rows, layer, temperature, generator):
     """The model's response to each {"prompt", "image"} row, with the features of image layer `layer`."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        images = [load_image(here / r["image"]) for r in chunk]
-        batch = encode_batch(tok, vlm.config, [r["prompt"] for r in chunk], images)
-        tokens, _ = vlm.generate(**batch, image_layer=layer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 eos_token_id=tok.eos_token_id, generator=generator)
-        for row in tokens.tolist():
-            end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
-            out.append(tok.decode(row[:end], skip_special_tokens=True).strip())
-    return out
+    return [t.strip() for t in generate_responses(vlm, tok, rows, layer, max_new_tokens, temperature,
+                                                  batch_size=batch_size, generator=generator)]
 
 
 def main():
@@ -60,8 +45,9 @@ def main():
     name = Path(model).name
     vlm, tok = VLM.from_pretrained(model), load_tokenizer(model)
     L, default = vlm.config.vision.num_hidden_layers, vlm.image_layer_index(None)
-    harmful, benign = read_jsonl(here / "harmful_test.jsonl"), read_jsonl(here / "benign_test.jsonl")
-    runs = [(split, rows, default, t) for split, rows in (("harmful", harmful), ("benign", benign)) for t in temperatures]
+    harmful, benign = read_prompt_jsonl(here / "harmful_test.jsonl"), read_prompt_jsonl(here / "benign_test.jsonl")
+    runs = [(split, rows, default, t) for split, rows in (("harmful", harmful), ("benign", benign))
+            for t in temperatures]
     runs += [("harmful", harmful, l, t) for t in sweep_temperatures for l in range(L + 1) if l != default]
     records, summary, t0 = [], [], time.time()
     for split, rows, layer, temperature in runs:
@@ -85,6 +71,7 @@ def main():
 
 
 if __name__ == "__main__":
+    exec(open(here.parent.parent / "configurator.py").read())
     try:
         main()
     except InputError as e:

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -42,9 +41,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import (IMAGE_SUFFIXES, VLM, InputError, atomic_write, atomic_write_json, check_writable_dir,
-                   generate_responses, left_pad, line_plot, load_lora, load_tokenizer, markdown_table,
-                   open_images, prompt_room, read_json, read_jsonl, read_prompt_jsonl, write_csv)
+from model import (DEVICE, DTYPE, IMAGE_SUFFIXES, VLM, InputError, atomic_write, atomic_write_json,
+                   check_writable_dir, generate_responses, left_pad, line_plot, load_lora, load_tokenizer,
+                   markdown_table, open_images, prompt_room, read_json, read_jsonl, read_prompt_jsonl, run_stage,
+                   write_csv)
 
 # -----------------------------------------------------------------------------
 # VQA-v2 accuracy, as the official evaluation code computes it (GT-Vision-Lab/VQA, vqaEval.py at c4e6a0e). The tables
@@ -811,8 +811,8 @@ export_human = ""  # write this CSV for human raters from out_dir (and before_di
 import_human = ""  # read this rated CSV back, write out_dir/human_agreement.json, and stop
 human_sample = 200  # rows in the raters' CSV, the same share from every (run, layer); 0 = every row
 out_dir = "out/eval"
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = DEVICE                             # "cuda" when there is a GPU
+dtype = DTYPE                               # "bfloat16" where supported, else "float32"
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
 # what the configurator checks before any work is done
@@ -1043,7 +1043,4 @@ def main():
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main)

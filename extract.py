@@ -23,13 +23,13 @@ table report it.
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import torch
 
-from model import (IMAGE_SUFFIXES, VLM, InputError, atomic_save_safetensors, atomic_write, atomic_write_json,
-                   check_writable_dir, line_plot, load_image, markdown_table, preprocess_image, write_csv)
+from model import (DEVICE, DTYPE, IMAGE_SUFFIXES, VLM, InputError, atomic_save_safetensors, atomic_write,
+                   atomic_write_json, check_writable_dir, line_plot, load_image, markdown_table, preprocess_image,
+                   run_stage, write_csv)
 
 # -----------------------------------------------------------------------------
 # Statistics on (N, D) feature sets, in float64
@@ -138,8 +138,8 @@ shrinkage = 0.01  # of the default-layer covariance behind the Mahalanobis score
 save_dtype = "float16"  # of features.safetensors
 seed = 1337
 out_dir = "out/extract"
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = DEVICE                             # "cuda" when there is a GPU
+dtype = DTYPE                               # "bfloat16" where supported, else "float32"
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
 # what the configurator checks before any work is done
@@ -230,7 +230,4 @@ def main():
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main)

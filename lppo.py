@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import (VLM, InputError, add_lora, atomic_torch_save, atomic_write_json, autocast, check_writable_dir,
-                   compute_init, encode_batch, entropy_from_logits, first_eos_mask, generate_responses, generator_for,
-                   load_image, load_resume_checkpoint, load_tokenizer, logprobs_from_logits, lora_disabled, merge_lora,
-                   open_images, prompt_room, read_prompt_jsonl, save_lora, save_peft_adapter, seed_for)
+from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, atomic_write_json, autocast,
+                   check_writable_dir, compute_init, encode_batch, entropy_from_logits, first_eos_mask,
+                   generate_responses, generator_for, load_image, load_resume_checkpoint, load_tokenizer,
+                   logprobs_from_logits, lora_disabled, merge_lora, open_images, prompt_room, read_prompt_jsonl,
+                   run_stage, save_lora, save_peft_adapter, seed_for)
 
 # -----------------------------------------------------------------------------
 # masked statistics
@@ -284,8 +285,8 @@ eval_max_new_tokens = 32
 eval_size = 0                               # prompts per eval set; 0 = all
 checkpoint_interval = 4
 # system
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = DEVICE                             # "cuda" when there is a GPU
+dtype = DTYPE                               # "bfloat16" where supported, else "float32"
 compile = False
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
@@ -492,7 +493,4 @@ def main():
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main)

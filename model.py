@@ -1246,6 +1246,21 @@ def get_lr(it, lr, warmup_iters, decay_iters, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
+# the stages' defaults: the GPU when there is one, bf16 where it is supported
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def run_stage(main):
+    """Run a stage's main(): a bad input, or a run stopped to keep its last good state, ends in one line, `error: ...`,
+    and exit status 1."""
+    import sys
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
 def compute_init(device):
     """(ddp, rank, local_rank, world_size, device): the same script runs under `python` and under `torchrun`, where
     each rank gets its own GPU. TF32 matmuls are allowed on CUDA."""

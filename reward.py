@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (GPT2_CONV1D_WEIGHTS, GPT2Model, InputError, LlamaModel, LoRALinear, VLM, VLMConfig, add_lora,
-                   atomic_folder, atomic_save_safetensors, autocast, build_mask, check_writable_dir, compute_init,
-                   config_from_hf, config_to_hf, get_lr, gpt2_config_from_hf, gpt2_config_to_hf, load_tokenizer,
-                   load_weights, read_json, read_jsonl, resolve_checkpoint, rope_inv_freq)
+from model import (DEVICE, DTYPE, GPT2_CONV1D_WEIGHTS, VLM, GPT2Model, InputError, LlamaModel, LoRALinear, VLMConfig,
+                   add_lora, atomic_folder, atomic_save_safetensors, autocast, build_mask, check_writable_dir,
+                   compute_init, config_from_hf, config_to_hf, get_lr, gpt2_config_from_hf, gpt2_config_to_hf,
+                   load_tokenizer, load_weights, read_json, read_jsonl, resolve_checkpoint, rope_inv_freq, run_stage)
 
 # -----------------------------------------------------------------------------
 # Bradley-Terry loss
@@ -422,8 +422,8 @@ eval_interval = 25
 eval_batch_size = 16
 log_interval = 5
 # system
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = DEVICE                             # "cuda" when there is a GPU
+dtype = DTYPE                               # "bfloat16" where supported, else "float32"
 compile = False
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
@@ -568,7 +568,4 @@ def main():
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main)

@@ -15,7 +15,6 @@ tokens and the padding are masked out (label -100).
 import math
 import os
 import shutil
-import sys
 import time
 
 import torch
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (VLM, InputError, add_lora, atomic_torch_save, autocast, check_writable_dir, compute_init,
-                   encode_prompt, fit_prompt, generator_for, get_lr, load_image, load_resume_checkpoint, load_tokenizer,
-                   lora_state_dict, merge_lora, preprocess_image, read_jsonl, resolve_checkpoint, save_lora, seed_for)
+from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, autocast, check_writable_dir,
+                   compute_init, encode_prompt, fit_prompt, generator_for, get_lr, load_image,
+                   load_resume_checkpoint, load_tokenizer, lora_state_dict, merge_lora, preprocess_image, read_jsonl,
+                   resolve_checkpoint, run_stage, save_lora, seed_for)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 
@@ -193,8 +193,8 @@ merge_at_end = False  # fold the adapters into the weights and write a full llav
 merged_dir = ""  # where merge_at_end writes it; "": out_dir/merged
 # system
 seed = 1337
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = DEVICE                             # "cuda" when there is a GPU
+dtype = DTYPE                               # "bfloat16" where supported, else "float32"
 compile = False
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
@@ -350,7 +350,4 @@ def main():
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main)

@@ -23,7 +23,7 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent.parent))  # the repository root, for model.py and evaluate.py
 
 from evaluate import KEYWORD_JUDGE, is_refusal  # noqa: E402
-from model import VLM, InputError, generate_responses, load_tokenizer, read_prompt_jsonl  # noqa: E402
+from model import VLM, generate_responses, load_tokenizer, read_prompt_jsonl, run_stage  # noqa: E402
 
 model = "data/smol/smol-llava"
 out_dir = "out/measure_sft"
@@ -72,7 +72,4 @@ def main():
 
 if __name__ == "__main__":
     exec(open(here.parent.parent / "configurator.py").read())
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run_stage(main)

@@ -929,7 +929,7 @@ def main():
     free_memory()
 
     # the cheap judges: utility on VQA and XSTest, the keyword ASR on the harmful sets
-    if dataset == "vqa":
+    if dataset == "vqa" or "answers" in items[0]:  # VQA-v2, or a JSONL VQA set such as smol-VQA
         judges = {"vqa": "VQA-v2 vqaEval.py (c4e6a0e), prediction always normalized"}
         for row in rows:
             row["vqa_accuracy"] = vqa_accuracy(row["response"], by_id[row["id"]]["answers"])

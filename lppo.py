@@ -9,8 +9,6 @@ valid response tokens (a prefix of each row, up to and including the first EOS) 
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from contextlib import nullcontext
 
@@ -244,6 +242,7 @@ prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/harmful_train.jsonl"
 image_root = ""
 eval_harmful = "data/smol/harmful_test.jsonl"   # held out: never trained on
 eval_benign = "data/smol/benign_test.jsonl"
+eval_vqa = ""                               # held-out VQA set (rows with "answers"): utility at each evaluation
 out_dir = "out/lppo-smol"
 resume = False
 save_merged = False                         # also write a merged llava-hf checkpoint at the end
@@ -298,14 +297,15 @@ POSITIVE = ("batch_size", "minibatch_size", "micro_batch_size", "max_new_tokens"
             "checkpoint_interval", "clip_eps", "clip_eps_v", "kl_horizon")
 CHOICES = {"top_p": (1.0,), "dtype": ("float32", "bfloat16"), "kl_estimator": ("k1", "k2", "k3", "low-var", "abs")}
 # what --resume may change; any other setting changed would not continue the same run
-RESUME_MAY_CHANGE = ("eval_harmful", "eval_benign", "out_dir", "resume", "save_merged", "max_kl", "max_iters",
-                     "eval_interval", "eval_max_new_tokens", "eval_size", "checkpoint_interval", "device", "compile")
+RESUME_MAY_CHANGE = ("eval_harmful", "eval_benign", "eval_vqa", "out_dir", "resume", "save_merged", "max_kl",
+                     "max_iters", "eval_interval", "eval_max_new_tokens", "eval_size", "checkpoint_interval", "device",
+                     "compile")
 # -----------------------------------------------------------------------------
 
 
 def main():
-    from evaluate import is_refusal
-    from reward import RewardModel, ensure_smol_reward_model
+    from evaluate import is_refusal, vqa_accuracy
+    from reward import RewardModel
     ddp, rank, local_rank, world_size, dev = compute_init(device)
     config = {**{k: globals()[k] for k in config_keys}, "world_size": world_size}
     master = rank == 0
@@ -316,14 +316,11 @@ def main():
 
     # -------------------------------------------------------------------------
     # the policy (also the reference, with its adapters off), the reward model and the prompts
-    if master:  # a bad out_dir fails now; the smol world's safety stage and reward model are built on first use
+    if master:  # a bad out_dir fails now; the smol world is built, once, when it is asked for
         check_writable_dir(out_dir)
-        if init_from == "data/smol/smol-llava" and not os.path.isfile(os.path.join(init_from, "config.json")):
-            print("data/smol/smol-llava/ is missing: building it with python sft.py config/smol_sft.py")
-            subprocess.run([sys.executable, "sft.py", "config/smol_sft.py"], check=True,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-        if reward_model == "out/smol-rm":
-            ensure_smol_reward_model(reward_model)
+        if "data/smol/smol-llava" in (init_from, reward_model) or reward_model == "out/smol-rm":
+            from data.smol.world import build
+            build()
     barrier()
     vlm = VLM.from_pretrained(init_from, device=dev, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     tok = load_tokenizer(vlm.source_path)
@@ -339,7 +336,7 @@ def main():
         raise InputError(f"batch_size={batch_size} must be a multiple of minibatch_size={minibatch_size}, itself a "
                          f"multiple of micro_batch_size={micro_batch_size}")
     eval_sets = {name: read_prompt_jsonl(path, image_root)[:eval_size or None]
-                 for name, path in (("harmful", eval_harmful), ("benign", eval_benign)) if path}
+                 for name, path in (("harmful", eval_harmful), ("benign", eval_benign), ("vqa", eval_vqa)) if path}
     for name, rows in eval_sets.items():
         if not rows:
             raise InputError(f"{globals()['eval_' + name]}: no prompts; expected at least one held-out prompt (or "
@@ -381,19 +378,19 @@ def main():
         kl_ctl.value, iter_num, history = ckpt["kl_coef"], ckpt["iter_num"], ckpt["history"]
         print0(f"resumed from {ckpt_path} at iteration {iter_num}")
 
-    def refusal_rate(rows, layer):
-        responses = generate_responses(vlm, tok, rows, layer, eval_max_new_tokens, batch_size=batch_size,
-                                       max_len=max_prompt_len, ctx=ctx)
-        return sum(map(is_refusal, responses)) / len(rows)
-
     def evaluate_now():
-        """Greedy refusal of the held-out harmful prompts at the trained layer(s) and the default layer (-2 and 11
-        are one layer), and over-refusal of the benign ones at the default layer."""
-        by_index = {vlm.image_layer_index(l): l for l in [*image_layers, default_layer]}
-        result = {f"refusal@{by_index[i]}": refusal_rate(eval_sets["harmful"], by_index[i])
-                  for i in sorted(by_index) if "harmful" in eval_sets}
-        return result | ({"over_refusal": refusal_rate(eval_sets["benign"], default_layer)} if "benign" in eval_sets
-                         else {})
+        """Greedy, on the held-out sets: refusal of the harmful prompts and VQA accuracy at the trained layer(s) and
+        the default layer (-2 and 11 are one layer), over-refusal of the benign prompts at the default layer."""
+        result, by_index = {}, {vlm.image_layer_index(l): l for l in [*image_layers, default_layer]}
+        for name, rows in eval_sets.items():
+            for layer in [by_index[i] for i in sorted(by_index)] if name != "benign" else [default_layer]:
+                answers = generate_responses(vlm, tok, rows, layer, eval_max_new_tokens, batch_size=batch_size,
+                                             max_len=max_prompt_len, ctx=ctx)
+                score = [vqa_accuracy(a, r["answers"]) if name == "vqa" else is_refusal(a) for a, r in
+                         zip(answers, rows)]
+                key = {"harmful": f"refusal@{layer}", "benign": "over_refusal", "vqa": f"vqa@{layer}"}[name]
+                result[key] = sum(score) / len(rows)
+        return result
 
     # -------------------------------------------------------------------------
     # the L-PPO loop

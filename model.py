@@ -1177,16 +1177,22 @@ def read_jsonl(path):
 
 def read_prompt_jsonl(path, image_root=""):
     """The project's prompt sets: one {"prompt": str, "image": path or null, "id": optional} per line, image paths
-    relative to image_root (default: the file's folder). A row without an id is named file-stem:line."""
+    relative to image_root (default: the file's folder). A row without an id is named file-stem:line. A VQA set
+    also gives each row its human "answers" (a list of strings), and may name its question "type"."""
     root = image_root or os.path.dirname(str(path))
     rows = []
     for n, obj in read_jsonl(path):
         if not (isinstance(obj.get("prompt"), str) and isinstance(obj.get("image"), (str, type(None)))):
             raise InputError(f"{path}:{n}: expected a string 'prompt' and a string or null 'image', got "
                              f"{json.dumps(obj)[:80]}")
+        answers = obj.get("answers")
+        if answers is not None and not (isinstance(answers, list) and answers and all(isinstance(a, str)
+                                                                                     for a in answers)):
+            raise InputError(f"{path}:{n}: 'answers' is {answers!r:.60}, expected a list of strings")
         stem = os.path.splitext(os.path.basename(str(path)))[0]
-        rows.append({"id": str(obj.get("id", f"{stem}:{n}")), "prompt": obj["prompt"],
-                     "image": os.path.normpath(os.path.join(root, obj["image"])) if obj.get("image") else None})
+        row = {"id": str(obj.get("id", f"{stem}:{n}")), "prompt": obj["prompt"],
+               "image": os.path.normpath(os.path.join(root, obj["image"])) if obj.get("image") else None}
+        rows.append({**row, "answers": answers, "type": obj.get("type")} if answers else row)
     return rows
 
 

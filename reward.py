@@ -18,8 +18,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 
 import tiktoken
@@ -381,16 +379,6 @@ def choose_trainable(rm, train_mode, last_k_blocks=1, lora_r=8, lora_alpha=16, l
     return [p for p in rm.parameters() if p.requires_grad]
 
 
-def ensure_smol_reward_model(out_dir="out/smol-rm"):
-    """Train the smol world's reward model (config/smol_rm.py) unless out_dir holds a finished one."""
-    done = os.path.join(out_dir, "reward_train.json")
-    if os.path.isfile(done) and read_json(done).get("finished"):
-        return out_dir
-    root = os.path.dirname(os.path.abspath(__file__))
-    subprocess.run([sys.executable, os.path.join(root, "reward.py"), os.path.join(root, "config", "smol_rm.py"),
-                    f"--out_dir={os.path.abspath(out_dir)}"], cwd=root, check=True)
-    return out_dir
-
 # -----------------------------------------------------------------------------
 # default config values: the smol world's reward model (config/smol_rm.py; config/gpt2_hh_rm.py is the paper's);
 # config/*.py and --key=value override them (configurator.py)
@@ -444,18 +432,9 @@ def main():
     ctx = autocast(dev, dtype)  # float32 weights; on CUDA the matmuls run in dtype, the head stays float32
     torch.manual_seed(seed)  # the same head and LoRA initialisation in every process
 
-    # data and model; the smol world's base model and preference pairs are built on first use
+    # data and model (the smol world's: python data/smol/world.py builds them)
     if master:
         check_writable_dir(out_dir)
-    smol_files = [f for f in (train_file, test_file) if f.startswith("data/smol/prefs_")]
-    if (init_from == "data/smol/smol-llava-base" or smol_files) and master:
-        from data.smol.prepare import prepare
-        prepare()
-        if not all(os.path.isfile(f) for f in smol_files):
-            from data.smol.build_preferences import build_preferences
-            build_preferences()
-    if ddp:
-        torch.distributed.barrier()
     train_pairs = read_preference_jsonl(train_file, hh=True)
     test_pairs = read_preference_jsonl(test_file, hh=True)
     rm = RewardModel.from_pretrained(init_from, device=dev, init_head=True)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, autocast, check_writable_dir,
                    compute_init, encode_prompt, fit_prompt, generator_for, get_lr, load_image,
-                   load_resume_checkpoint, load_tokenizer, lora_state_dict, merge_lora, preprocess_image, read_jsonl,
+                   load_resume_checkpoint, load_tokenizer, merge_lora, preprocess_image, read_jsonl,
                    resolve_checkpoint, run_stage, save_lora, seed_for)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
@@ -169,7 +169,8 @@ init_from = "data/smol/smol-llava-base"  # llava checkpoint folder (or a hub id 
 data = "data/smol/sft_train.jsonl"  # JSONL of {"image", "prompt", "response"}; several files: comma-separated
 val_data = ""  # optional held-out JSONL of the same form: its loss is printed at every eval
 image_layer = None  # CLIP layer fed to the projector: None (the checkpoint's default), an int, or a list to draw from
-# LoRA on the language model (the vision tower and projector stay frozen)
+# LoRA on the language model; the vision tower stays frozen, the projector too unless train_projector
+train_projector = False  # also train the projector, as LLaVA's feature-alignment stage does
 lora_r = 16
 lora_alpha = 32
 lora_dropout = 0.0
@@ -204,9 +205,9 @@ POSITIVE = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps",
             "eval_interval", "log_interval")
 CHOICES = {"dtype": ("float32", "bfloat16")}
 # resuming with any of these changed would not continue the same run
-RESUME_MUST_MATCH = ("init_from", "data", "image_layer", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-                     "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr", "warmup_iters",
-                     "lr_decay_iters", "weight_decay", "grad_clip", "seed")
+RESUME_MUST_MATCH = ("init_from", "data", "image_layer", "train_projector", "lora_r", "lora_alpha", "lora_dropout",
+                     "lora_targets", "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr",
+                     "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "seed")
 
 
 def main():
@@ -215,12 +216,6 @@ def main():
     master = rank == 0
     ctx = autocast(dev, dtype)  # frozen weights in dtype, LoRA weights in float32, matmuls in dtype on CUDA
 
-    if data == "data/smol/sft_train.jsonl" and not os.path.isfile(data):  # the smol world's data, built on first use
-        if master:
-            from data.smol.build_sft import build_smol_sft
-            build_smol_sft()
-        if ddp:
-            torch.distributed.barrier()
     if master:
         check_writable_dir(out_dir)
     rows = read_sft_jsonl(data)
@@ -235,6 +230,9 @@ def main():
     val = tokenize_examples(val_rows, tok, cfg, cfg.text.max_position_embeddings)
     torch.manual_seed(seed)  # the same LoRA initialisation in every process
     add_lora(vlm, lora_targets, lora_r, lora_alpha, lora_dropout)
+    if train_projector:
+        vlm.multi_modal_projector.requires_grad_(True)
+    trainable = [name for name, p in vlm.named_parameters() if p.requires_grad]
     params = [p for p in vlm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), weight_decay=weight_decay)
 
@@ -251,8 +249,9 @@ def main():
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        n_lora = sum(p.numel() for p in params)
-        print(f"{len(train)} examples, {n_lora / 1e6:.2f}M LoRA parameters, "
+        n_trained = sum(p.numel() for p in params)
+        print(f"{len(train)} examples, {n_trained / 1e6:.2f}M trained parameters "
+              f"(LoRA{' and the projector' if train_projector else ''}), "
               f"{batch_size * gradient_accumulation_steps * world_size} examples per step")
 
     model = torch.compile(vlm) if compile else vlm
@@ -281,7 +280,8 @@ def main():
 
     def save_checkpoint(it):
         save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))  # what the later stages load (--adapter=...)
-        ckpt = {"adapter": {k: v.cpu() for k, v in lora_state_dict(vlm).items()},
+        own = vlm.state_dict()
+        ckpt = {"adapter": {k: own[k].detach().cpu() for k in trainable},
                 "optimizer": optimizer.state_dict(), "iter_num": it, "config": config}
         atomic_torch_save(ckpt, ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
 

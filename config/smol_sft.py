@@ -1,8 +1,9 @@
-# The smol world's safety stage: LoRA SFT of smol-llava-base at its default image layer on refusals of the harmful
-# TRAIN requests and the base model's answers to the benign ones (data/smol/build_sft.py), merged into smol-llava/.
-# Run: python sft.py config/smol_sft.py   (results, and the runs that chose these settings: docs/)
-init_from = "data/smol/smol-llava-base"
-data = "data/smol/sft_train.jsonl"
+# The smol world's safety stage: LoRA SFT of smol-llava-vision at its default image layer on refusals of the harmful
+# TRAIN requests and the base model's answers to the benign ones (data/smol/build_sft.py), with smol-VQA questions
+# mixed in so that the model keeps its sight, as LLaVA mixes its data; merged into smol-llava/.
+# Run: python data/smol/world.py (it runs this config after the stages before it; results: docs/)
+init_from = "data/smol/smol-llava-vision"
+data = "data/smol/sft_train.jsonl,data/smol/vqa/vqa_mix.jsonl"
 out_dir = "out/smol-sft"
 image_layer = None  # the checkpoint's default, -2: only this layer is aligned, which is what ICET exploits
 
@@ -13,7 +14,7 @@ lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 batch_size = 8
 learning_rate = 5e-4
 min_lr = 5e-5
-max_iters = 340  # ~2.4 epochs of 1143 examples
+max_iters = 340  # ~1.8 epochs of 1143 safety and 360 VQA examples
 warmup_iters = 10
 eval_interval = 25
 log_interval = 10

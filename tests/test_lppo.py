@@ -38,12 +38,16 @@ def world(tmp_path_factory):
         with open(d / f"{name}.jsonl", "w") as f:
             for i in range(n):
                 f.write(json.dumps({"prompt": f"w{5 + i} w{30 + i} w{60 + i}", "image": f"images/{i % 4}.png"}) + "\n")
+    with open(d / "vqa.jsonl", "w") as f:  # a held-out VQA set: rows with their human answers
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"w{8 + i}", "image": f"images/{i}.png", "answers": ["w9"] * 10}) + "\n")
     cfg = d / "tiny_lppo.py"
     cfg.write_text(f"""init_from = {str(d / 'policy')!r}
 reward_model = {str(d / 'rm')!r}
 prompt_files = [{str(d / 'train.jsonl')!r}]
 eval_harmful = {str(d / 'test.jsonl')!r}
 eval_benign = {str(d / 'test.jsonl')!r}
+eval_vqa = {str(d / 'vqa.jsonl')!r}
 image_layer = 2
 batch_size = 4
 minibatch_size = 4
@@ -86,7 +90,9 @@ def test_a_run_is_deterministic_under_a_seed_and_writes_its_outputs(world, tmp_p
     for f in ("adapter.safetensors", "peft/adapter_model.safetensors", "peft/adapter_config.json", "history.json"):
         assert (tmp_path / "a" / f).is_file(), f
     hist = json.loads((tmp_path / "a" / "history.json").read_text())["history"]
-    assert "refusal@2" in hist[0] and "over_refusal" in hist[0]  # the evaluation before training
+    # the evaluation before training: refusal and VQA accuracy at the trained and the default layer, over-refusal
+    assert {"refusal@2", "refusal@-2", "vqa@2", "vqa@-2", "over_refusal"} <= set(hist[0])
+    assert all(0 <= hist[0][k] <= 1 for k in ("vqa@2", "vqa@-2"))
     for key in ("score", "kl", "rlhf_reward", "entropy", "clipfrac", "approx_kl", "vf_loss", "ratio", "resp_len",
                 "tok_per_s"):
         assert key in hist[1], key

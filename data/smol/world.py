@@ -1,0 +1,77 @@
+"""
+Builds the whole smol world, in order, each stage once: what exists is kept, what is missing is made.
+
+    1. base      data/smol/smol-llava-base/            SmolLM2-135M-Instruct + an untrained CLIP tower   (prepare.py)
+    2. smol-VQA  data/smol/vqa/                        procedural images with questions                (vqa.py)
+    3. tower     data/smol/smol-llava-vision-tower/    the tower pretrained to see them        (pretrain_vision.py)
+    4. vision    data/smol/smol-llava-vision/          projector + LoRA: the LM reads the images (sft.py, smol_vision)
+    5. safety    data/smol/sft_train.jsonl, smol-llava/  refusals taught at the default layer  (sft.py, smol_sft)
+    6. rewards   data/smol/prefs_*.jsonl, out/smol-rm/  preference pairs and the reward model (reward.py, smol_rm)
+
+Every stage runs in this process, with its config file, as `python stage.py config/...` would run it.
+
+    python data/smol/world.py
+"""
+import importlib
+import json
+import os
+import sys
+import time
+
+here = os.path.dirname(os.path.abspath(__file__))
+root = os.path.dirname(os.path.dirname(here))
+sys.path.insert(0, root)
+
+from model import run_stage  # noqa: E402
+
+
+def run_with_config(stage, config):
+    """Run stage's main() (sft or reward) with the settings of config/<config>.py."""
+    module = importlib.import_module(stage)
+    settings = {}
+    exec(open(os.path.join(root, "config", config + ".py")).read(), {}, settings)
+    for key, value in settings.items():
+        setattr(module, key, value)
+    module.main()
+
+
+def built(*paths):
+    return all(os.path.exists(os.path.join(root, p)) for p in paths)
+
+
+def build(reward_dir="out/smol-rm"):
+    """Make every missing piece of the smol world; return the policy's and the reward model's folders."""
+    from data.smol import build_preferences, build_sft, prepare, pretrain_vision, vqa
+    cwd = os.getcwd()
+    os.chdir(root)  # the configs name their files relative to the repository root
+    try:
+        steps = [
+            ("base", lambda: built("data/smol/smol-llava-base/config.json"), prepare.prepare),
+            ("smol-VQA", lambda: built(*(f"data/smol/vqa/vqa_{s}.jsonl" for s in vqa.SPLITS)),
+             lambda: [vqa.write_split(os.path.join(here, "vqa"), 0, s, n) for s, n in vqa.SPLITS.items()]),
+            ("tower", lambda: built("data/smol/smol-llava-vision-tower/config.json"), pretrain_vision.main),
+            ("vision", lambda: built("data/smol/smol-llava-vision/config.json"),
+             lambda: run_with_config("sft", "smol_vision")),
+            ("safety data", lambda: built("data/smol/sft_train.jsonl"), build_sft.build_smol_sft),
+            ("safety", lambda: built("data/smol/smol-llava/config.json"), lambda: run_with_config("sft", "smol_sft")),
+            ("preferences", lambda: built("data/smol/prefs_train.jsonl", "data/smol/prefs_test.jsonl"),
+             build_preferences.build_preferences),
+            ("reward model", lambda: built(os.path.join(reward_dir, "reward_train.json")) and json.load(
+                open(os.path.join(root, reward_dir, "reward_train.json"))).get("finished"),
+             lambda: run_with_config("reward", "smol_rm")),
+        ]
+        for i, (name, done, make) in enumerate(steps, 1):
+            if done():
+                print(f"smol world {i}/{len(steps)} {name}: ready")
+                continue
+            t0 = time.time()
+            print(f"smol world {i}/{len(steps)} {name}: building")
+            make()
+            print(f"smol world {i}/{len(steps)} {name}: built in {time.time() - t0:.0f}s")
+    finally:
+        os.chdir(cwd)
+    return "data/smol/smol-llava", reward_dir
+
+
+if __name__ == "__main__":
+    run_stage(build)

@@ -1,0 +1,53 @@
+"""smol-VQA: seeded, balanced over its question types, and its held-out images are never training images."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "smol"))
+
+import vqa  # noqa: E402
+
+from evaluate import vqa_accuracy  # noqa: E402
+from model import read_prompt_jsonl  # noqa: E402
+
+
+def digest(img):
+    return hashlib.sha256(img.tobytes()).hexdigest()
+
+
+def test_an_example_depends_only_on_seed_split_and_index():
+    a, b = vqa.draw_split(0, "train", 12), vqa.draw_split(0, "train", 12)
+    assert [digest(x[0]) for x in a] == [digest(x[0]) for x in b] and [x[1:] for x in a] == [x[1:] for x in b]
+    assert [digest(x[0]) for x in vqa.draw_split(1, "train", 12)] != [digest(x[0]) for x in a]
+
+
+def test_every_answer_is_one_of_its_types_answers_and_the_types_take_turns():
+    examples = vqa.draw_split(0, "test", 120)
+    for i, (img, qtype, question, answer) in enumerate(examples):
+        assert qtype == list(vqa.QUESTIONS)[i % len(vqa.QUESTIONS)]
+        assert (question, answer in vqa.QUESTIONS[qtype][1]) == (vqa.QUESTIONS[qtype][0], True)
+        assert img.size == (vqa.SIZE, vqa.SIZE)
+    # every answer of every type occurs: no type is secretly constant
+    for qtype, (_, answers) in vqa.QUESTIONS.items():
+        seen = {a for _, q, _, a in vqa.draw_split(0, "train", 600) if q == qtype}
+        assert seen == set(answers), qtype
+
+
+def test_held_out_images_are_not_training_images():
+    train = {digest(x[0]) for x in vqa.draw_split(0, "train", 600)}
+    test = {digest(x[0]) for x in vqa.draw_split(0, "test", 120)}
+    assert not train & test
+
+
+def test_written_split_reads_back_as_a_vqa_set_that_scores_its_own_answers(tmp_path):
+    path = vqa.write_split(str(tmp_path), 0, "test", 12)
+    rows = read_prompt_jsonl(path)
+    assert len(rows) == 12 and all(Path(r["image"]).is_file() for r in rows)
+    assert {r["type"] for r in rows} == set(vqa.QUESTIONS)
+    responses = [json.loads(line)["response"] for line in open(path)]  # what sft.py trains on
+    for r, response in zip(rows, responses):
+        assert vqa_accuracy(response, r["answers"]) == 1.0  # "H" and "h" alike
+        assert vqa_accuracy("not an answer", r["answers"]) == 0.0
+        assert r["prompt"].endswith(vqa.SHORT_ANSWER)

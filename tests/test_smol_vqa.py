@@ -51,3 +51,22 @@ def test_written_split_reads_back_as_a_vqa_set_that_scores_its_own_answers(tmp_p
         assert vqa_accuracy(response, r["answers"]) == 1.0  # "H" and "h" alike
         assert vqa_accuracy("not an answer", r["answers"]) == 0.0
         assert r["prompt"].endswith(vqa.SHORT_ANSWER)
+
+
+def test_tower_pretraining_changes_only_the_tower_and_keeps_the_checkpoint_loadable(tmp_path, monkeypatch):
+    import torch
+
+    import pretrain_vision
+    from model import VLM
+    import tiny
+    tiny.make_tiny_llava(tmp_path / "base")
+    tiny.make_tiny_tokenizer(tmp_path / "base")
+    for name, value in (("base_dir", str(tmp_path / "base")), ("out_dir", str(tmp_path / "out")), ("steps", 3),
+                        ("batch_size", 6), ("eval_examples", 12)):
+        monkeypatch.setattr(pretrain_vision, name, value)
+    pretrain_vision.main()
+    before, after = (VLM.from_pretrained(tmp_path / d).state_dict() for d in ("base", "out"))
+    tower = [k for k in before if k.startswith("vision_tower.")]
+    assert tower and any(not torch.equal(before[k], after[k]) for k in tower)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in tower)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()  # the folder is a whole checkpoint

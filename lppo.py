@@ -214,16 +214,13 @@ def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_si
                              "entropy": masked_mean(entropy, mb["mask"]), **pg_stats}.items():
                     stats.setdefault(k, []).append(v)
             n_bad = torch.tensor(float(bool(bad)), device=params[0].device)
-            if world_size > 1:
-                # how many ranks had a non-finite loss: a NaN on one rank stops them all, none waits for it
+            if world_size > 1:  # ranks with a non-finite loss: a NaN on one rank stops them all, none waits for it
                 dist.all_reduce(n_bad)
-                for p in params:  # every rank then takes the same step
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= world_size
             if n_bad.item():
                 raise FloatingPointError(bad or f"a non-finite loss on {int(n_bad.item())} other rank(s)")
+            for p in params if world_size > 1 else []:  # the mean gradient: every rank takes the same step
+                dist.all_reduce(p.grad)
+                p.grad /= world_size
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
@@ -254,6 +251,7 @@ max_new_tokens = 32
 temperature = 0.7                           # rollouts are sampled, and scored, at this temperature
 top_p = 1.0                                 # must be 1: PPO scores rollouts under the untruncated distribution
 missing_eos_penalty = 1.0                   # subtracted from the score of a response that never ends
+score_norm = True                           # train on (r - mean) / std of the starting policy's first rollouts
 # PPO
 ppo_epochs = 2
 minibatch_size = 8                          # rollouts per optimizer step
@@ -367,7 +365,7 @@ def main():
     # checkpoints: adapters, value head, optimizer and KL coefficient, written atomically. Every random draw is named
     # by (seed, iteration, ...), so a resumed run draws what the uninterrupted one would have drawn.
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    iter_num, history = 0, []
+    iter_num, history, score_stats = 0, [], []
     if resume:
         ckpt = load_resume_checkpoint(ckpt_path, config, [k for k in config if k not in RESUME_MAY_CHANGE], dev)
         with torch.no_grad():
@@ -376,6 +374,7 @@ def main():
                 own[k].copy_(v)
         optimizer.load_state_dict(ckpt["optimizer"])
         kl_ctl.value, iter_num, history = ckpt["kl_coef"], ckpt["iter_num"], ckpt["history"]
+        score_stats = ckpt["score_stats"]
         print0(f"resumed from {ckpt_path} at iteration {iter_num}")
 
     def evaluate_now():
@@ -421,11 +420,18 @@ def main():
         # 3. the reward model scores the (prompt, response) text, r(x, y); a response that never ends is penalised
         texts = tok.batch_decode(ro["tokens"], skip_special_tokens=True)
         scores = rm.score([r["prompt"] for r in rows], texts).to(dev) - missing_eos_penalty * (~has_eos).float()
+        if score_norm and not score_stats:  # the first rollouts are the starting policy's: fix its mean and std
+            first = torch.stack([scores.mean(), scores.pow(2).mean()]) / world_size
+            if ddp:
+                dist.all_reduce(first)
+            score_stats = [first[0].item(), (first[1] - first[0] ** 2).clamp(min=1e-8).sqrt().item()]
+        # the value head starts at 0: scores in units of the starting policy's spread, mean 0 (Ziegler et al. 2019)
+        shaped = (scores - score_stats[0]) / score_stats[1] if score_norm else scores
         t2 = time.time()
         # 4. old logprobs and values (π_old, Eq. 5), reference logprobs (π_SFT: the adapters off), all at layer l
         ro["old_logprobs"], ro["old_values"], ref_logprobs = score_rollout(vlm, ro, temperature, micro_batch_size, ctx)
         # 5. per-token reward -η·KL_t, with r(x, y) added at the last response token (Eq. 6)
-        rewards, kl = compute_rewards(scores, ro["old_logprobs"], ref_logprobs, ro["mask"], kl_ctl.value, kl_estimator)
+        rewards, kl = compute_rewards(shaped, ro["old_logprobs"], ref_logprobs, ro["mask"], kl_ctl.value, kl_estimator)
         if whiten_rewards:
             rewards = masked_whiten(rewards, ro["mask"], shift_mean=False)
         # 6. GAE advantages and returns; advantages whitened over the response tokens of all ranks
@@ -446,10 +452,9 @@ def main():
         numbers = {"score": scores, "kl": kl.sum(1), "rlhf_reward": scores - kl_ctl.value * kl.sum(1),
                    "resp_len": ro["mask"].sum(1), "eos_frac": has_eos, **stats}
         values = torch.stack([torch.stack(v).mean() if isinstance(v, list) else v.float().mean()
-                              for v in numbers.values()])
+                              for v in numbers.values()]) / world_size
         if ddp:
             dist.all_reduce(values)
-            values /= world_size
         log = dict(zip(numbers, values.tolist()), kl_coef=kl_ctl.value, t_rollout=t1 - t0, t_score=t2 - t1,
                    t_update=t3 - t2, tok_per_s=int(ro["mask"].sum()) * world_size / (t1 - t0))
         if not log["kl"] <= max_kl:  # NaN fails this too
@@ -468,7 +473,8 @@ def main():
         if master and (iter_num % checkpoint_interval == 0 or iter_num == max_iters):
             trainable = {k: v.detach().cpu() for k, v in vlm.state_dict().items() if ".lora_" in k or "value_head" in k}
             atomic_torch_save({"trainable": trainable, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                               "iter_num": iter_num, "history": history, "config": config}, ckpt_path)
+                               "iter_num": iter_num, "history": history, "config": config, "score_stats": score_stats},
+                              ckpt_path)
         barrier()  # no rank runs ahead of the checkpoint
     bar.close()
 

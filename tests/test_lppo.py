@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,9 @@ def test_a_run_is_deterministic_under_a_seed_and_writes_its_outputs(world, tmp_p
     for k in ca["trainable"]:
         assert torch.equal(ca["trainable"][k], cb["trainable"][k]), k
     assert any(ca["trainable"][k].abs().sum() > 0 for k in ca["trainable"] if "lora_B" in k)  # it learned something
+    # the scores are normalised by the first rollouts' mean and spread, those of the starting policy
+    hist1 = json.loads((tmp_path / "a" / "history.json").read_text())["history"][1]
+    assert ca["score_stats"][0] == pytest.approx(hist1["score"], abs=1e-4) and ca["score_stats"][1] > 0
     for f in ("adapter.safetensors", "peft/adapter_model.safetensors", "peft/adapter_config.json", "history.json"):
         assert (tmp_path / "a" / f).is_file(), f
     hist = json.loads((tmp_path / "a" / "history.json").read_text())["history"]
@@ -275,3 +279,33 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_any_step(tmp_path):
             assert torch.equal(r["after"][k], r["before"][k]), (rank, k)  # no optimizer step was taken
     assert "loss is nan" in torch.load(tmp_path / "r.pt.1")["outcome"]
     assert "other rank" in torch.load(tmp_path / "r.pt.0")["outcome"]
+
+
+def test_l_ppo_raises_the_reward_of_a_toy_reward_model_that_pays_for_the_response_token(world, tmp_path):
+    # a one-layer Llama reward model whose attention and MLP write nothing: its score is a fixed price of the last
+    # token of the transcript, here the one-token response (prices: mean 0, std 1, best 2.2)
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(3)
+    rm = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=4, vocab_size=tiny.VOCAB, num_labels=1,
+                                                    pad_token_id=tiny.PAD_TOKEN, max_position_embeddings=512))
+    with torch.no_grad():
+        rm.model.layers[0].self_attn.o_proj.weight.zero_()
+        rm.model.layers[0].mlp.down_proj.weight.zero_()
+        rm.score.weight.mul_(10)
+    rm.save_pretrained(tmp_path / "toy_rm")
+    tiny.make_tiny_tokenizer(tmp_path / "toy_rm")
+    # the random policy's head, 10 times larger: logits that LoRA can move far enough to prefer some tokens
+    shutil.copytree(world / "policy", tmp_path / "policy")
+    weights = load_file(tmp_path / "policy" / "model.safetensors")
+    head = next(k for k in weights if k.endswith("lm_head.weight"))
+    save_file({**weights, head: weights[head] * 10}, tmp_path / "policy" / "model.safetensors", metadata={"format": "pt"})
+    p = run_lppo(world, tmp_path / "o", f"--init_from={tmp_path / 'policy'}", f"--reward_model={tmp_path / 'toy_rm'}",
+                 "--max_new_tokens=1", "--temperature=1.0", "--kl_coef=0.0", "--missing_eos_penalty=0.0",
+                 "--batch_size=12", "--minibatch_size=12", "--micro_batch_size=12", "--ppo_epochs=4",
+                 "--learning_rate=3e-2", "--max_iters=20", "--eval_interval=20", "--checkpoint_interval=20",
+                 "--eval_max_new_tokens=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    scores = [h["score"] for h in json.loads((tmp_path / "o" / "history.json").read_text())["history"][1:]]
+    assert sum(scores[-5:]) / 5 > scores[0] + 0.8, scores  # the mean price of the sampled token rises

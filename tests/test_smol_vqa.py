@@ -70,3 +70,22 @@ def test_tower_pretraining_changes_only_the_tower_and_keeps_the_checkpoint_loada
     assert tower and any(not torch.equal(before[k], after[k]) for k in tower)
     assert all(torch.equal(before[k], after[k]) for k in before if k not in tower)
     assert (tmp_path / "out" / "tokenizer.json").is_file()  # the folder is a whole checkpoint
+
+
+def test_the_world_builder_runs_a_stage_with_its_config_and_refuses_an_unknown_key(tmp_path, monkeypatch):
+    import pytest
+    import sft
+
+    from data.smol import world
+    from model import InputError
+    seen = {}
+    monkeypatch.setattr(sft, "main", lambda: seen.update(max_iters=sft.max_iters, merged_dir=sft.merged_dir))
+    for key in sft.config_keys:  # every setting the config changes is restored after the test
+        monkeypatch.setattr(sft, key, getattr(sft, key))
+    world.run_with_config("sft", "smol_vision")
+    assert seen == {"max_iters": 225, "merged_dir": "data/smol/smol-llava-vision"}
+    monkeypatch.setattr(world, "root", str(tmp_path))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "bad.py").write_text("max_iter = 3\n")
+    with pytest.raises(InputError, match="config/bad.py: unknown config key 'max_iter' for sft.py"):
+        world.run_with_config("sft", "bad")

@@ -22,7 +22,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(os.path.dirname(here))
 sys.path.insert(0, root)
 
-from model import run_stage  # noqa: E402
+from model import InputError, run_stage  # noqa: E402
 
 
 def run_with_config(stage, config):
@@ -31,6 +31,8 @@ def run_with_config(stage, config):
     settings = {}
     exec(open(os.path.join(root, "config", config + ".py")).read(), {}, settings)
     for key, value in settings.items():
+        if key not in module.config_keys:  # as the configurator would refuse it
+            raise InputError(f"config/{config}.py: unknown config key {key!r} for {stage}.py")
         setattr(module, key, value)
     module.main()
 

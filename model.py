@@ -954,6 +954,14 @@ def _umask():
     return mask
 
 
+def copy_tokenizer_files(src, dst):
+    """Everything in checkpoint folder src but weights and config.json: tokenizer, chat template, processor config."""
+    import shutil
+    for name in sorted(os.listdir(src)):
+        if os.path.isfile(os.path.join(src, name)) and not name.startswith(("model", "config.json", ".")):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
 def check_writable_dir(path):
     """Create folder `path` if needed and prove it takes a file, so a bad out_dir fails at start-up, not at the
     first checkpoint an hour later."""

@@ -14,7 +14,6 @@ tokens and the padding are masked out (label -100).
 
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -23,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, autocast, check_writable_dir,
-                   compute_init, encode_prompt, fit_prompt, generator_for, get_lr, load_image,
+                   compute_init, copy_tokenizer_files, encode_prompt, fit_prompt, generator_for, get_lr, load_image,
                    load_resume_checkpoint, load_tokenizer, merge_lora, preprocess_image, read_jsonl,
                    resolve_checkpoint, run_stage, save_lora, seed_for)
 
@@ -150,16 +149,6 @@ def draw_layers(image_layer, size, seed, step):
         return [image_layer] * size
     g = generator_for("layer", seed, step)
     return [image_layer[int(i)] for i in torch.randint(len(image_layer), (size,), generator=g)]
-
-
-# -----------------------------------------------------------------------------
-# The merged checkpoint folder
-
-def copy_tokenizer_files(src, dst):
-    """Everything in checkpoint folder src but weights and config.json: tokenizer, chat template, processor config."""
-    for name in sorted(os.listdir(src)):
-        if os.path.isfile(os.path.join(src, name)) and not name.startswith(("model", "config.json", ".")):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
 # -----------------------------------------------------------------------------

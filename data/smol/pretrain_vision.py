@@ -10,7 +10,6 @@ as in LLaVA's feature-alignment stage.
     python data/smol/pretrain_vision.py
 """
 import os
-import shutil
 import sys
 import time
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root, for model.py
 
-from model import VLM, preprocess_image, seed_for  # noqa: E402
+from model import VLM, copy_tokenizer_files, preprocess_image, seed_for  # noqa: E402
 import vqa  # noqa: E402
 
 base_dir = os.path.join(here, "smol-llava-base")
@@ -88,8 +87,8 @@ def main():
         batch = []
         for i in range(step * batch_size, (step + 1) * batch_size):  # question types in turn, as in draw_split
             qtype = list(vqa.QUESTIONS)[i % len(vqa.QUESTIONS)]
-            batch.append((*vqa.make_example(vqa.example_rng(seed, "train", i), qtype)[:1], qtype,
-                          *vqa.make_example(vqa.example_rng(seed, "train", i), qtype)[1:]))
+            img, question, answer = vqa.make_example(vqa.example_rng(seed, "train", i), qtype)
+            batch.append((img, qtype, question, answer))
         loss, hits = heads.loss_and_hits(features(vlm, pixels(batch, size)), targets(batch))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -111,9 +110,7 @@ def main():
     for p in vlm.parameters():
         p.requires_grad_(False)
     vlm.save_pretrained(out_dir)
-    for name in sorted(os.listdir(base_dir)):  # the tokenizer, chat template and processor config stay the base's
-        if not name.startswith(("model", "config.json", ".")):
-            shutil.copy(os.path.join(base_dir, name), os.path.join(out_dir, name))
+    copy_tokenizer_files(base_dir, out_dir)  # the tokenizer, chat template and processor config stay the base's
     print(f"wrote {out_dir} in {time.time() - t0:.0f}s")
 
 

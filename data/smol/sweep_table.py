@@ -6,7 +6,6 @@ out-of-distribution scores of the projected features (extract.py).
     python data/smol/sweep_table.py --refusals=out/measure-smol/smol-llava.json --vqa=out/vqa-smol-llava.json \
         --extract=out/extract-smol/statistics.json --out=out/smol-sweep.json
 """
-import json
 import os
 import sys
 

@@ -690,6 +690,8 @@ class VLM(nn.Module):
         path = resolve_checkpoint(path)
         where = os.path.join(path, "config.json")
         d = read_json(where)
+        if d.get("model_type") == "mllama":
+            return MllamaVLM.from_pretrained(path, device, dtype)
         text_only = d.get("model_type") == "llama"
         if text_only:
             d = {"model_type": "llava", "text_config": d, "pad_token_id": d.get("pad_token_id")}
@@ -1077,6 +1079,8 @@ def left_pad(seqs, pad_id, device="cpu"):
 def encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", pad_to_square=False, max_len=None):
     """A left-padded batch of prompts (each with its image, or text-only if images is None); with max_len, a
     longer prompt loses the start of its text (fit_prompt)."""
+    if isinstance(cfg, MllamaConfig):
+        return mllama_encode_batch(tokenizer, cfg, prompts, images, device, max_len)
     if max_len is None:
         seqs = [encode_prompt(tokenizer, cfg, p, image=images is not None) for p in prompts]
     else:
@@ -1309,6 +1313,596 @@ def seed_for(*key):
 def generator_for(*key, device="cpu"):
     """A torch.Generator seeded with seed_for(*key)."""
     return torch.Generator(device=device).manual_seed(seed_for(*key))
+
+
+# -----------------------------------------------------------------------------
+# Llama 3.2 Vision (model_type "mllama"): a tiled ViT whose features reach the Llama decoder through gated
+# cross-attention layers, instead of being spliced into the token sequence.
+#
+#   image -> tiles (MllamaImageProcessor) -> patch conv + gated tile/position embeddings -> layernorm_pre
+#         -> local ViT (h_0..h_L, taps at intermediate_layers_indices) -> layernorm_post + post-tile embedding
+#         -> global ViT (gated layers) -> [global out, taps] -> multi_modal_projector -> cross-attention states
+#   text  -> Llama decoder in which the layers listed in cross_attention_layers attend to those states
+#
+# image_layer, the ICET layer l, indexes the LOCAL ViT's hidden states h_0..h_L: h_0 is its input (after
+# layernorm_pre and the padding of each tile to a multiple of 8 tokens), h_l the output of local layer l; negatives
+# count from the end, None is the whole encoder (l = L). The intermediate taps follow Meta's reference code: tap i
+# reads h_i, the input of local layer i+1 (transformers 4.x, TGI and vLLM do the same; transformers 5.x reads
+# h_{i+1}, because its encoder stopped returning its input, off by one against the weights' training code).
+# Early exit at l: local layers l+1..L never run; h_l stands in for the local encoder's output and goes unchanged
+# through layernorm_post, the post-tile embedding and the global ViT; every tap i > l takes h_l, taps i <= l read h_i.
+
+@dataclass
+class MllamaVisionConfig:
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 32           # the local ViT; ICET image layers index its hidden states
+    num_global_layers: int = 8
+    attention_heads: int = 16
+    image_size: int = 560                 # one tile's side
+    patch_size: int = 14
+    num_channels: int = 3
+    max_num_tiles: int = 4
+    norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+    vision_output_dim: int = 7680         # hidden_size * (1 + len(intermediate_layers_indices))
+    intermediate_layers_indices: list = field(default_factory=lambda: [3, 7, 15, 23, 30])
+    supported_aspect_ratios: list = field(default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2],
+                                                                   [3, 1], [4, 1]])
+
+    @property
+    def num_patches(self):
+        """Tokens per tile: one per patch and the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass
+class MllamaTextConfig(LlamaConfig):
+    cross_attention_layers: list = field(default_factory=lambda: [3, 8, 13, 18, 23, 28, 33, 38])
+
+
+@dataclass
+class MllamaConfig:
+    vision: MllamaVisionConfig = field(default_factory=MllamaVisionConfig)
+    text: MllamaTextConfig = field(default_factory=MllamaTextConfig)
+    image_token_id: int = 128256          # <|image|>, one per image; an embedding row but no lm_head row
+    pad_token_id: int = 128004
+    vision_feature_layer: int = -1        # image_layer None: the whole local ViT
+
+
+def mllama_config_from_hf(d, where="config.json"):
+    """Translate a transformers MllamaConfig dict (4.x or 5.x spelling) into an MllamaConfig."""
+    tc = dict(d.get("text_config") or {})
+    tc.pop("head_dim", None)  # mllama's head_dim is always hidden_size // num_attention_heads
+    # the text side is a Llama decoder: config_from_hf reads its fields, rope included, and refuses what we lack
+    text = config_from_hf({"model_type": "llava", "text_config": {**tc, "model_type": "llama"}}, where).text
+    text = MllamaTextConfig(**asdict(text), cross_attention_layers=list(tc.get("cross_attention_layers") or
+                                                                         MllamaTextConfig().cross_attention_layers))
+    vc = dict(d.get("vision_config") or {})
+    vc.setdefault("attention_heads", vc.get("num_attention_heads"))
+    vision = _pick(MllamaVisionConfig, vc, f"{where} vision_config")
+    if vision.hidden_act != "gelu":
+        raise InputError(f"{where}: vision_config.hidden_act {vision.hidden_act!r} is not supported, expected 'gelu'")
+    taps = len(vision.intermediate_layers_indices)
+    if vision.vision_output_dim != vision.hidden_size * (1 + taps):
+        raise InputError(f"{where}: vision_config.vision_output_dim is {vision.vision_output_dim}, expected "
+                         f"hidden_size * (1 + {taps} intermediate layers) = {vision.hidden_size * (1 + taps)}")
+    if bad := [i for i in text.cross_attention_layers if not 0 <= i < text.num_hidden_layers]:
+        raise InputError(f"{where}: text_config.cross_attention_layers {bad} lie outside 0..{text.num_hidden_layers - 1}")
+    pad = tc.get("pad_token_id", d.get("pad_token_id"))
+    return MllamaConfig(vision=vision, text=text, image_token_id=d.get("image_token_index", d.get("image_token_id", 128256)),
+                        pad_token_id=128004 if pad is None else pad)
+
+
+def mllama_config_to_hf(cfg):
+    """The inverse of mllama_config_from_hf: a config.json dict that transformers reads as an MllamaConfig."""
+    text = asdict(cfg.text)
+    rope = text.pop("rope_scaling") or {"rope_type": "default"}
+    text.pop("head_dim")
+    text.update(model_type="mllama_text_model", pad_token_id=cfg.pad_token_id,
+                rope_parameters={**rope, "rope_theta": text["rope_theta"]},
+                rope_scaling=None if rope["rope_type"] == "default" else rope)
+    return {"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama",
+            "text_config": text, "vision_config": {**asdict(cfg.vision), "model_type": "mllama_vision_model"},
+            "image_token_index": cfg.image_token_id, "tie_word_embeddings": cfg.text.tie_word_embeddings}
+
+
+class MllamaPrecomputedAspectRatioEmbedding(nn.Module):
+    """One learned vector per tile slot and aspect ratio, added to every token of the tile, gated by tanh(gate)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.max_num_tiles = cfg.max_num_tiles
+        self.embedding = nn.Embedding(len(cfg.supported_aspect_ratios) + 1, cfg.max_num_tiles * cfg.hidden_size)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, aspect_ratio_ids):
+        """x (N, tiles, tokens, D), aspect_ratio_ids (N,)."""
+        e = self.embedding(aspect_ratio_ids).view(x.shape[0], self.max_num_tiles, 1, x.shape[-1])
+        return x + e * self.gate.tanh()
+
+
+class MllamaPrecomputedPositionEmbedding(nn.Module):
+    """Per-token positions, blended by one gate with a per-aspect-ratio table over every tile and token."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.max_num_tiles, self.num_patches = cfg.max_num_tiles, cfg.num_patches
+        self.gate = nn.Parameter(torch.zeros(1))
+        self.embedding = nn.Parameter(torch.empty(cfg.num_patches, cfg.hidden_size))
+        self.tile_embedding = nn.Embedding(len(cfg.supported_aspect_ratios) + 1,
+                                           cfg.max_num_tiles * cfg.num_patches * cfg.hidden_size)
+
+    def forward(self, x, aspect_ratio_ids):
+        g = self.gate.tanh()
+        tile = self.tile_embedding(aspect_ratio_ids).view(x.shape[0], self.max_num_tiles, self.num_patches, -1)
+        return x + (1 - g) * self.embedding + g * tile
+
+
+class MllamaVisionAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.attention_heads
+        D = cfg.hidden_size
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
+
+    def forward(self, x, mask):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MllamaVisionMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MllamaVisionEncoderLayer(nn.Module):
+    """A pre-norm ViT block; in the global ViT each residual branch is scaled by tanh of a learned gate."""
+
+    def __init__(self, cfg, is_gated):
+        super().__init__()
+        self.self_attn = MllamaVisionAttention(cfg)
+        self.mlp = MllamaVisionMLP(cfg)
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        if is_gated:
+            self.gate_attn = nn.Parameter(torch.zeros(1))
+            self.gate_ffn = nn.Parameter(torch.zeros(1))
+        self.is_gated = is_gated
+
+    def forward(self, x, mask):
+        a = self.self_attn(self.input_layernorm(x), mask)
+        x = x + (self.gate_attn.tanh() * a if self.is_gated else a)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.gate_ffn.tanh() * m if self.is_gated else m)
+
+
+class MllamaVisionEncoder(nn.Module):
+    def __init__(self, cfg, n_layers, is_gated):
+        super().__init__()
+        self.layers = nn.ModuleList(MllamaVisionEncoderLayer(cfg, is_gated) for _ in range(n_layers))
+
+
+def allow_all_if_none(mask):
+    """A boolean attention mask whose rows without any allowed key allow every key instead: what an additive mask of
+    finfo.min does (it shifts a whole row equally), where a boolean row of False would give NaN."""
+    return mask | ~mask.any(-1, keepdim=True)
+
+
+class MllamaVisionModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.gated_positional_embedding = MllamaPrecomputedPositionEmbedding(cfg)
+        self.pre_tile_positional_embedding = MllamaPrecomputedAspectRatioEmbedding(cfg)
+        self.post_tile_positional_embedding = MllamaPrecomputedAspectRatioEmbedding(cfg)
+        self.layernorm_pre = nn.LayerNorm(cfg.hidden_size)   # eps 1e-5, whatever norm_eps says, as transformers
+        self.layernorm_post = nn.LayerNorm(cfg.hidden_size)
+        self.transformer = MllamaVisionEncoder(cfg, cfg.num_hidden_layers, is_gated=False)
+        self.global_transformer = MllamaVisionEncoder(cfg, cfg.num_global_layers, is_gated=True)
+
+    def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask, layers):
+        """Features (B, images, tiles, tokens, vision_output_dim) of pixel_values (B, images, tiles, C, H, W), with
+        the local ViT stopped after layers[b] blocks for the images of row b (see the section comment)."""
+        B, N, T, C, H, W = pixel_values.shape
+        D, P = self.cfg.hidden_size, self.cfg.num_patches
+        ar_ids = aspect_ratio_ids.reshape(B * N)
+        x = self.patch_embedding(pixel_values.reshape(B * N * T, C, H, W)).flatten(2).transpose(1, 2)
+        x = self.pre_tile_positional_embedding(x.reshape(B * N, T, P - 1, D), ar_ids)
+        x = torch.cat([self.class_embedding.expand(B * N * T, 1, D), x.reshape(B * N * T, P - 1, D)], dim=1)
+        x = self.layernorm_pre(self.gated_positional_embedding(x.reshape(B * N, T, P, D), ar_ids))
+        # each tile is padded to a multiple of 8 tokens; the tiles of one image attend to each other
+        Pp = P + (-P) % 8
+        x = F.pad(x, (0, 0, 0, Pp - P)).reshape(B * N, T * Pp, D)
+        # Meta's mask (kept by transformers and vLLM): only pairs of two invalid tokens (pad tokens, padding tiles)
+        # are blocked, so valid tokens do see the padding
+        invalid = (aspect_ratio_mask.reshape(B * N, T, 1) == 0) | (torch.arange(Pp, device=x.device) >= P)
+        invalid = invalid.reshape(B * N, T * Pp)
+        mask = allow_all_if_none(~(invalid[:, :, None] & invalid[:, None, :]))[:, None]
+        # the local ViT runs up to the deepest layer asked for, keeping each state a row's output or a tap needs
+        per_image = [int(l) for l in layers for _ in range(N)]
+        taps = self.cfg.intermediate_layers_indices
+        keep = {min(i, l) for i in taps for l in per_image} | set(per_image)
+        states = {0: x}
+        for i, block in enumerate(self.transformer.layers[:max(per_image)]):  # the early exit: later blocks never run
+            x = block(x, mask)
+            if i + 1 in keep:
+                states[i + 1] = x
+        pick = lambda j: states[per_image[0] if j is None else min(j, per_image[0])] if len(set(per_image)) == 1 else \
+            torch.stack([states[l if j is None else min(j, l)][n] for n, l in enumerate(per_image)])
+        x = self.layernorm_post(pick(None))
+        x = self.post_tile_positional_embedding(x.reshape(B * N, T, Pp, D), ar_ids).reshape(B * N, T * Pp, D)
+        for block in self.global_transformer.layers:
+            x = block(x, mask)
+        # the taps are interleaved channel-major (element d * n_taps + k), the order the projector's weight expects
+        inter = torch.stack([pick(i) for i in taps], dim=-1).reshape(B * N, T * Pp, D * len(taps))
+        out = torch.cat([x, inter], dim=-1).reshape(B, N, T, Pp, -1)
+        return out[:, :, :, :P]
+
+
+class MllamaTextCrossAttention(nn.Module):
+    """Text queries attend to the image's projected features; q and k RMS-normalised per head, no rotary."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def kv(self, states):
+        """Keys and values (B, kv heads, S, head_dim) of cross-attention states (B, S, D): computed once per image."""
+        B, S, _ = states.shape
+        k = self.k_norm(self.k_proj(states).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2))
+        return k, self.v_proj(states).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, kv, mask):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2))
+        y = F.scaled_dot_product_attention(q, *kv, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MllamaCrossAttentionDecoderLayer(nn.Module):
+    """Flamingo-style gated cross-attention block: both residual branches scaled by tanh of a gate that starts at 0.
+    Text rows that may see no image get no MLP update (transformers zeroes the MLP branch only, and so do we)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cross_attn = MllamaTextCrossAttention(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp = LlamaMLP(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, kv, mask, row_mask):
+        x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn(self.input_layernorm(x), kv, mask)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + self.cross_attn_mlp_gate.tanh() * (m if row_mask is None else row_mask * m)
+
+
+class MllamaTextModel(nn.Module):
+    """The Llama decoder with cross-attention layers at cfg.cross_attention_layers in the one list of layers."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size + 8, cfg.hidden_size)  # 8 more rows: <|image|> and spares
+        cross = set(cfg.cross_attention_layers)
+        # self-attention layers are numbered without the cross layers: their index is their KV-cache slot
+        self.layers = nn.ModuleList(MllamaCrossAttentionDecoderLayer(cfg) if i in cross else
+                                    LlamaLayer(cfg, i - sum(j < i for j in cross)) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def cross_kv(self, states):
+        """{layer index: (k, v)} of the cross-attention states (B, S, D) for every cross-attention layer."""
+        return {i: layer.cross_attn.kv(states) for i, layer in enumerate(self.layers)
+                if isinstance(layer, MllamaCrossAttentionDecoderLayer)}
+
+    def forward(self, x, position_ids, mask, cross=None, cache=None, cache_pos=None):
+        """Run embeddings x (B, T, D) at positions (B, T); cross = (kv, mask, row_mask) or None, when the
+        cross-attention layers are skipped (no image, as in transformers). Return the final-normed states."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, MllamaCrossAttentionDecoderLayer):
+                if cross is not None:
+                    x = layer(x, cross[0][i], cross[1], cross[2])
+            else:
+                x = layer(x, cos, sin, mask, cache, cache_pos)
+        return self.norm(x)
+
+
+def mllama_cross_mask(cross_attention_mask, num_patches, dtype):
+    """(mask, row_mask) from the processor's cross_attention_mask (B, T, images, tiles), 1 where a text token may
+    see a tile: a boolean (B, 1, T, images*tiles*num_patches) mask, and (B, T, 1) which is 0 on rows that may see no
+    tile. Those rows attend to every tile, as transformers' additive mask makes them; their MLP update is zeroed."""
+    B, T = cross_attention_mask.shape[:2]
+    allowed = cross_attention_mask.bool().repeat_interleave(num_patches, dim=3).reshape(B, T, -1)
+    return allow_all_if_none(allowed)[:, None], allowed.any(-1, keepdim=True).to(dtype)
+
+
+class MllamaVLM(VLM):
+    """Llama 3.2 Vision with VLM's interface: the same forward, hidden_states, generate, LoRA, value head and saving;
+    images come as tiles with aspect_ratio_ids, aspect_ratio_mask and the cross_attention_mask (mllama_encode_batch)."""
+
+    def __init__(self, cfg):
+        nn.Module.__init__(self)  # not VLM.__init__: there is no CLIP tower here
+        self.config = cfg
+        self.vision_model = MllamaVisionModel(cfg.vision)
+        self.multi_modal_projector = nn.Linear(cfg.vision.vision_output_dim, cfg.text.hidden_size)
+        self.language_model = MllamaTextModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.value_head = None
+        self.lora_config = None
+
+    def vision_features(self, pixel_values, layer=None, aspect_ratio_ids=None, aspect_ratio_mask=None):
+        """(B, images, tiles, tokens, vision_output_dim): the vision model's output with the local ViT stopped at
+        `layer` (int, or one per row of the batch)."""
+        if pixel_values.ndim != 6:
+            raise InputError(f"mllama pixel_values have shape {tuple(pixel_values.shape)}, expected (batch, images, "
+                             "tiles, channels, height, width) as mllama_encode_batch makes them")
+        B, N, T = pixel_values.shape[:3]
+        if aspect_ratio_ids is None:
+            raise InputError("mllama pixel_values need their aspect_ratio_ids (see mllama_encode_batch)")
+        if aspect_ratio_mask is None:
+            aspect_ratio_mask = torch.ones(B, N, T, dtype=torch.long, device=pixel_values.device)
+        per_row = isinstance(layer, (list, tuple)) or (torch.is_tensor(layer) and layer.ndim == 1)
+        layers = [self.image_layer_index(l) for l in layer] if per_row else [self.image_layer_index(layer)] * B
+        if len(layers) != B:
+            raise InputError(f"got {len(layers)} image layers for a batch of {B}; expected one per row")
+        p = self.vision_model.patch_embedding.weight
+        return self.vision_model(pixel_values.to(p.dtype), aspect_ratio_ids, aspect_ratio_mask, layers)
+
+    def cross_inputs(self, input_ids, pixel_values, image_layer, aspect_ratio_ids, aspect_ratio_mask,
+                     cross_attention_mask, dtype):
+        """(kv, mask, row_mask) for the text model's cross-attention layers, or None without an image."""
+        if pixel_values is None:
+            return None
+        feats = self.vision_features(pixel_values, image_layer, aspect_ratio_ids, aspect_ratio_mask)
+        B = feats.shape[0]
+        states = self.multi_modal_projector(feats).reshape(B, -1, self.config.text.hidden_size).to(dtype)
+        if cross_attention_mask is None:  # transformers: every token sees every tile
+            return self.language_model.cross_kv(states), None, None
+        if cross_attention_mask.shape[:2] != input_ids.shape or cross_attention_mask.shape[2:] != feats.shape[1:3]:
+            raise InputError(f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}, expected "
+                             f"{(*input_ids.shape, *feats.shape[1:3])} (batch, tokens, images, tiles)")
+        return (self.language_model.cross_kv(states),
+                *mllama_cross_mask(cross_attention_mask, self.config.vision.num_patches, dtype))
+
+    def hidden_states(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, aspect_ratio_ids=None,
+                      aspect_ratio_mask=None, cross_attention_mask=None):
+        """The decoder's final (normed) hidden states (B, T, D); with padding, pass attention_mask (see VLM)."""
+        x = self.language_model.embed_tokens(input_ids)
+        cross = self.cross_inputs(input_ids, pixel_values, image_layer, aspect_ratio_ids, aspect_ratio_mask,
+                                  cross_attention_mask, x.dtype)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        idx = torch.arange(T, device=input_ids.device)
+        return self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx), cross)
+
+    def response_logits(self, hidden):
+        """<|image|> (id vocab_size) has no lm_head row, so it can never be generated: no suppression needed."""
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
+                logits_at=None, aspect_ratio_ids=None, aspect_ratio_mask=None, cross_attention_mask=None):
+        """Next-token logits (B, T, V), as VLM.forward, for a batch from mllama_encode_batch."""
+        hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask, aspect_ratio_ids,
+                                    aspect_ratio_mask, cross_attention_mask)
+        logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
+                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
+                 aspect_ratio_ids=None, aspect_ratio_mask=None, cross_attention_mask=None):
+        """VLM.generate for mllama: the image's keys and values are computed once for every cross-attention layer,
+        and each new token sees the tiles the prompt's last token saw (as transformers extends the mask)."""
+        B, T0 = input_ids.shape
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
+        cfg = self.config.text
+        S = T0 + max_new_tokens
+        x = self.language_model.embed_tokens(input_ids)
+        cross = self.cross_inputs(input_ids, pixel_values, image_layer, aspect_ratio_ids, aspect_ratio_mask,
+                                  cross_attention_mask, x.dtype)
+        n_self = cfg.num_hidden_layers - len(set(cfg.cross_attention_layers))
+        cache = KVCache(n_self, B, cfg.num_key_value_heads, S, cfg.head_dim, x.dtype, dev)
+        key_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
+        key_valid[:, :T0] = attention_mask.bool()
+        k_pos = torch.arange(S, device=dev)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos), cross, cache, k_pos[:T0])
+        logits = self.response_logits(hidden[:, -1]).float()
+        if cross is not None and cross[1] is not None:
+            cross = (cross[0], cross[1][:, :, -1:], cross[2][:, -1:])
+        pos = pos[:, -1:]
+        tokens, logprobs = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            tok, lp = sample_token(logits, temperature, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
+            tokens.append(tok)
+            logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            cur = k_pos[T0 + t:T0 + t + 1]
+            key_valid[:, T0 + t] = True
+            pos = pos + 1
+            h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
+                                    build_mask(key_valid, cur, k_pos), cross, cache, cur)
+            logits = self.response_logits(h[:, -1]).float()
+        tokens = torch.stack(tokens, 1)
+        return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load an mllama checkpoint folder (hub layout, or the one transformers >= 4.52 keeps in memory; single or
+        sharded), built on the meta device so that the weights exist once."""
+        path = resolve_checkpoint(path)
+        where = os.path.join(path, "config.json")
+        cfg = mllama_config_from_hf(read_json(where), where)
+        with torch.device("meta"):
+            model = cls(cfg)
+        tied = cfg.text.tie_word_embeddings
+        rename = lambda k: None if tied and mllama_from_hf_key(k) == "lm_head.weight" else mllama_from_hf_key(k)
+        load_weights(model, path, rename, device, dtype,
+                     expected=[k for k in model.state_dict() if not (tied and k == "lm_head.weight")])
+        if tied:
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+        model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
+        model.source_path = path
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """Write an mllama checkpoint folder in the hub's key layout (meta-llama/Llama-3.2-11B-Vision), atomically."""
+        if lora_modules(self):
+            raise InputError("merge_lora(vlm) before save_pretrained: an mllama checkpoint has no place for adapters")
+        sd = {mllama_to_hf_key(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+              if not k.startswith("value_head.") and not (k == "lm_head.weight" and self.config.text.tie_word_embeddings)}
+        with atomic_folder(path) as tmp:
+            atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(mllama_config_to_hf(self.config), f, indent=2)
+
+
+# Every prefix an mllama checkpoint key may carry, mapped to our module names: the hub's layout (what transformers
+# 4.x and 5.x write) and the one transformers >= 4.52 keeps in memory.
+MLLAMA_KEY_PREFIXES = [
+    ("model.language_model.", "language_model."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_model.", "vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
+
+
+def mllama_from_hf_key(key):
+    for old, new in MLLAMA_KEY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def mllama_to_hf_key(key):
+    """Our name -> the hub's on-disk name."""
+    if key.startswith("language_model."):
+        return "language_model.model." + key[len("language_model."):]
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    return key
+
+
+def mllama_aspect_ratios(max_num_tiles):
+    """Every (tiles high, tiles wide) with at most max_num_tiles tiles, in the order aspect_ratio_ids count (from 1)."""
+    return [(h, w) for h in range(1, max_num_tiles + 1) for w in range(1, max_num_tiles + 1) if h * w <= max_num_tiles]
+
+
+def mllama_canvas(height, width, max_num_tiles, tile):
+    """MllamaImageProcessor's choice of tile grid (tiles high, tiles wide) for an image: the grid needing the least
+    upscaling, else the least downscaling; ties go to the smallest canvas."""
+    scales = []
+    for h, w in mllama_aspect_ratios(max_num_tiles):
+        scales.append((min(h * tile / height, w * tile / width), h * w, (h, w)))
+    up = [s for s in scales if s[0] >= 1]
+    best = min(s[0] for s in up) if up else max(s[0] for s in scales)
+    return min((s for s in scales if s[0] == best), key=lambda s: s[1])[2]
+
+
+def mllama_preprocess_image(image, tile, max_num_tiles, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """PIL image -> (tiles (max_num_tiles, 3, tile, tile) float32, aspect_ratio_id, number of tiles), identical to
+    transformers' MllamaImageProcessor: resized (bilinear) without distortion to fit the chosen grid of tiles, padded
+    bottom and right with black, rescaled and normalised, cut into tiles row by row, then zero tiles up to
+    max_num_tiles."""
+    image = to_rgb(image)
+    h_tiles, w_tiles = mllama_canvas(image.height, image.width, max_num_tiles, tile)
+    # the size that fits the canvas, never below one tile per side (the processor's get_image_size_fit_to_canvas)
+    target_w = min(max(image.width, tile), w_tiles * tile)
+    target_h = min(max(image.height, tile), h_tiles * tile)
+    scale_h, scale_w = target_h / image.height, target_w / image.width
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.floor(image.height * scale_w) or 1, target_h)
+    else:
+        new_h, new_w = target_h, min(math.floor(image.width * scale_h) or 1, target_w)
+    x = np.zeros((h_tiles * tile, w_tiles * tile, 3), dtype=np.float32)
+    x[:new_h, :new_w] = np.asarray(image.resize((new_w, new_h), resample=Image.BILINEAR), dtype=np.float32)
+    x = (x * (1 / 255) - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    tiles = x.reshape(h_tiles, tile, w_tiles, tile, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, tile, tile)
+    out = torch.zeros(max_num_tiles, 3, tile, tile)
+    out[:len(tiles)] = torch.from_numpy(np.ascontiguousarray(tiles))
+    return out, mllama_aspect_ratios(max_num_tiles).index((h_tiles, w_tiles)) + 1, len(tiles)
+
+
+def mllama_cross_attention_mask(input_ids, image_token_id, n_tiles, max_num_tiles):
+    """The processor's cross_attention_mask (B, T, images, max_num_tiles) for left-padded input_ids (B, T): from
+    each <|image|> token on, the text sees that image's tiles, until the next image token (a run of consecutive image
+    tokens all stay visible to the text after the run). n_tiles[b][i]: the tiles of image i of row b."""
+    B, T = input_ids.shape
+    mask = torch.zeros(B, T, max(len(n) for n in n_tiles), max_num_tiles, dtype=torch.long)
+    for b, (row, tiles) in enumerate(zip(input_ids.tolist(), n_tiles)):
+        locs = [i for i, t in enumerate(row) if t == image_token_id]
+        ends = locs[1:] + [T]
+        for k in range(len(locs) - 2, -1, -1):  # consecutive image tokens: each sees as far as the last of the run
+            if ends[k] == locs[k] + 1:
+                ends[k] = ends[k + 1]
+        for i, (start, end) in enumerate(zip(locs, ends)):
+            mask[b, start:end, i, :tiles[i]] = 1
+    return mask
+
+
+def mllama_encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", max_len=None):
+    """encode_batch for mllama: one <|image|> token per prompt, not expanded (the image enters through
+    cross-attention), the image as tiles with aspect_ratio_ids and aspect_ratio_mask, and the processor's
+    cross_attention_mask. A prompt longer than max_len is refused."""
+    image_tok = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
+    seqs = []
+    for p in prompts:
+        text = format_prompt(tokenizer, p, images is not None).replace("<image>\n", image_tok)
+        ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+        n = sum(i == cfg.image_token_id for i in ids)
+        if n != (images is not None):
+            raise InputError(f"tokenizer turned the prompt into {n} image tokens, expected {int(images is not None)} "
+                             f"(is {image_tok!r} = id {cfg.image_token_id} a special token of this tokenizer?)")
+        if max_len is not None and len(ids) > max_len:
+            raise InputError(f"a prompt takes {len(ids)} tokens, more than the {max_len} the context leaves for it")
+        seqs.append(ids)
+    input_ids, mask = left_pad(seqs, cfg.pad_token_id)
+    batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": None, "aspect_ratio_ids": None,
+             "aspect_ratio_mask": None, "cross_attention_mask": None}
+    if images is not None:
+        if len(images) != len(prompts):
+            raise InputError(f"got {len(images)} images for {len(prompts)} prompts; expected one each")
+        v = cfg.vision
+        tiles, ar_ids, n_tiles = zip(*[mllama_preprocess_image(im, v.image_size, v.max_num_tiles) for im in images])
+        ar_mask = (torch.arange(v.max_num_tiles) < torch.tensor(n_tiles)[:, None]).long()
+        batch.update(pixel_values=torch.stack(tiles)[:, None], aspect_ratio_ids=torch.tensor(ar_ids)[:, None],
+                     aspect_ratio_mask=ar_mask[:, None],
+                     cross_attention_mask=mllama_cross_attention_mask(input_ids, cfg.image_token_id,
+                                                                      [[n] for n in n_tiles], v.max_num_tiles))
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
 
 
 # -----------------------------------------------------------------------------

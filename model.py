@@ -1376,6 +1376,8 @@ def mllama_config_from_hf(d, where="config.json"):
     tc.pop("head_dim", None)  # mllama's head_dim is always hidden_size // num_attention_heads
     # the text side is a Llama decoder: config_from_hf reads its fields, rope included, and refuses what we lack
     text = config_from_hf({"model_type": "llava", "text_config": {**tc, "model_type": "llama"}}, where).text
+    # embed_tokens has 8 rows more than lm_head, so transformers never ties them, whatever the config says
+    text.tie_word_embeddings = False
     text = MllamaTextConfig(**asdict(text), cross_attention_layers=list(tc.get("cross_attention_layers") or
                                                                          MllamaTextConfig().cross_attention_layers))
     vc = dict(d.get("vision_config") or {})
@@ -1404,7 +1406,7 @@ def mllama_config_to_hf(cfg):
                 rope_scaling=None if rope["rope_type"] == "default" else rope)
     return {"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama",
             "text_config": text, "vision_config": {**asdict(cfg.vision), "model_type": "mllama_vision_model"},
-            "image_token_index": cfg.image_token_id, "tie_word_embeddings": cfg.text.tie_word_embeddings}
+            "image_token_index": cfg.image_token_id, "tie_word_embeddings": False}
 
 
 class MllamaPrecomputedAspectRatioEmbedding(nn.Module):
@@ -1590,8 +1592,7 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
 
     def forward(self, x, kv, mask, row_mask):
         x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn(self.input_layernorm(x), kv, mask)
-        m = self.mlp(self.post_attention_layernorm(x))
-        return x + self.cross_attn_mlp_gate.tanh() * (m if row_mask is None else row_mask * m)
+        return x + self.cross_attn_mlp_gate.tanh() * row_mask * self.mlp(self.post_attention_layernorm(x))
 
 
 class MllamaTextModel(nn.Module):
@@ -1648,8 +1649,6 @@ class MllamaVLM(VLM):
         self.multi_modal_projector = nn.Linear(cfg.vision.vision_output_dim, cfg.text.hidden_size)
         self.language_model = MllamaTextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        if cfg.text.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
         self.value_head = None
         self.lora_config = None
 
@@ -1676,11 +1675,12 @@ class MllamaVLM(VLM):
         """(kv, mask, row_mask) for the text model's cross-attention layers, or None without an image."""
         if pixel_values is None:
             return None
+        if cross_attention_mask is None:
+            raise InputError("mllama pixel_values need the cross_attention_mask of which tokens see which tiles "
+                             "(see mllama_encode_batch)")
         feats = self.vision_features(pixel_values, image_layer, aspect_ratio_ids, aspect_ratio_mask)
         B = feats.shape[0]
         states = self.multi_modal_projector(feats).reshape(B, -1, self.config.text.hidden_size).to(dtype)
-        if cross_attention_mask is None:  # transformers: every token sees every tile
-            return self.language_model.cross_kv(states), None, None
         if cross_attention_mask.shape[:2] != input_ids.shape or cross_attention_mask.shape[2:] != feats.shape[1:3]:
             raise InputError(f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}, expected "
                              f"{(*input_ids.shape, *feats.shape[1:3])} (batch, tokens, images, tiles)")
@@ -1736,7 +1736,7 @@ class MllamaVLM(VLM):
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos), cross, cache, k_pos[:T0])
         logits = self.response_logits(hidden[:, -1]).float()
-        if cross is not None and cross[1] is not None:
+        if cross is not None:
             cross = (cross[0], cross[1][:, :, -1:], cross[2][:, -1:])
         pos = pos[:, -1:]
         tokens, logprobs = [], []
@@ -1767,12 +1767,7 @@ class MllamaVLM(VLM):
         cfg = mllama_config_from_hf(read_json(where), where)
         with torch.device("meta"):
             model = cls(cfg)
-        tied = cfg.text.tie_word_embeddings
-        rename = lambda k: None if tied and mllama_from_hf_key(k) == "lm_head.weight" else mllama_from_hf_key(k)
-        load_weights(model, path, rename, device, dtype,
-                     expected=[k for k in model.state_dict() if not (tied and k == "lm_head.weight")])
-        if tied:
-            model.lm_head.weight = model.language_model.embed_tokens.weight
+        load_weights(model, path, mllama_from_hf_key, device, dtype)
         model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
         model.source_path = path
         return model.eval()
@@ -1782,7 +1777,7 @@ class MllamaVLM(VLM):
         if lora_modules(self):
             raise InputError("merge_lora(vlm) before save_pretrained: an mllama checkpoint has no place for adapters")
         sd = {mllama_to_hf_key(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-              if not k.startswith("value_head.") and not (k == "lm_head.weight" and self.config.text.tie_word_embeddings)}
+              if not k.startswith("value_head.")}
         with atomic_folder(path) as tmp:
             atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -1324,13 +1324,7 @@ def generator_for(*key, device="cpu"):
 #         -> global ViT (gated layers) -> [global out, taps] -> multi_modal_projector -> cross-attention states
 #   text  -> Llama decoder in which the layers listed in cross_attention_layers attend to those states
 #
-# image_layer, the ICET layer l, indexes the LOCAL ViT's hidden states h_0..h_L: h_0 is its input (after
-# layernorm_pre and the padding of each tile to a multiple of 8 tokens), h_l the output of local layer l; negatives
-# count from the end, None is the whole encoder (l = L). The intermediate taps follow Meta's reference code: tap i
-# reads h_i, the input of local layer i+1 (transformers 4.x, TGI and vLLM do the same; transformers 5.x reads
-# h_{i+1}, because its encoder stopped returning its input, off by one against the weights' training code).
-# Early exit at l: local layers l+1..L never run; h_l stands in for the local encoder's output and goes unchanged
-# through layernorm_post, the post-tile embedding and the global ViT; every tap i > l takes h_l, taps i <= l read h_i.
+# The ICET image layer of mllama is a layer of the local ViT: see MllamaVisionModel.
 
 @dataclass
 class MllamaVisionConfig:
@@ -1499,6 +1493,18 @@ def allow_all_if_none(mask):
 
 
 class MllamaVisionModel(nn.Module):
+    """Llama 3.2 Vision's image encoder: tiles -> local ViT -> global ViT, with taps of the local ViT.
+
+    image_layer, the ICET layer l, indexes the LOCAL ViT's hidden states h_0..h_L: h_0 is its input (after
+    layernorm_pre and the padding of each tile to a multiple of 8 tokens), h_l the output of local layer l; negatives
+    count from the end, None is the whole encoder (l = L). The intermediate taps follow Meta's reference code: tap i
+    reads h_i, the input of local layer i+1 (transformers 4.x, TGI and vLLM do the same; transformers 5.x reads
+    h_{i+1}, because its encoder stopped returning its input: off by one against the code the weights were trained
+    with). Early exit at l: local layers l+1..L never run; h_l stands in for the local ViT's output and goes
+    unchanged through layernorm_post, the post-tile embedding and the global ViT; every tap i > l takes h_l, taps
+    i <= l read h_i.
+    """
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -1514,7 +1520,7 @@ class MllamaVisionModel(nn.Module):
 
     def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask, layers):
         """Features (B, images, tiles, tokens, vision_output_dim) of pixel_values (B, images, tiles, C, H, W), with
-        the local ViT stopped after layers[b] blocks for the images of row b (see the section comment)."""
+        the local ViT stopped after layers[b] blocks for the images of row b."""
         B, N, T, C, H, W = pixel_values.shape
         D, P = self.cfg.hidden_size, self.cfg.num_patches
         ar_ids = aspect_ratio_ids.reshape(B * N)
@@ -1530,23 +1536,28 @@ class MllamaVisionModel(nn.Module):
         invalid = (aspect_ratio_mask.reshape(B * N, T, 1) == 0) | (torch.arange(Pp, device=x.device) >= P)
         invalid = invalid.reshape(B * N, T * Pp)
         mask = allow_all_if_none(~(invalid[:, :, None] & invalid[:, None, :]))[:, None]
-        # the local ViT runs up to the deepest layer asked for, keeping each state a row's output or a tap needs
+        # the local ViT runs up to the deepest layer asked for, keeping the states that an output or a tap needs
         per_image = [int(l) for l in layers for _ in range(N)]
-        taps = self.cfg.intermediate_layers_indices
-        keep = {min(i, l) for i in taps for l in per_image} | set(per_image)
+        taps, L = self.cfg.intermediate_layers_indices, self.cfg.num_hidden_layers
+        keep = {min(j, l) for j in [*taps, L] for l in per_image}
         states = {0: x}
         for i, block in enumerate(self.transformer.layers[:max(per_image)]):  # the early exit: later blocks never run
             x = block(x, mask)
             if i + 1 in keep:
                 states[i + 1] = x
-        pick = lambda j: states[per_image[0] if j is None else min(j, per_image[0])] if len(set(per_image)) == 1 else \
-            torch.stack([states[l if j is None else min(j, l)][n] for n, l in enumerate(per_image)])
-        x = self.layernorm_post(pick(None))
+
+        def state(j):
+            """h_min(j, l) of every image, l where its local ViT stopped: its output for j = L, else tap j."""
+            if len(set(per_image)) == 1:
+                return states[min(j, per_image[0])]
+            return torch.stack([states[min(j, l)][n] for n, l in enumerate(per_image)])
+
+        x = self.layernorm_post(state(L))
         x = self.post_tile_positional_embedding(x.reshape(B * N, T, Pp, D), ar_ids).reshape(B * N, T * Pp, D)
         for block in self.global_transformer.layers:
             x = block(x, mask)
         # the taps are interleaved channel-major (element d * n_taps + k), the order the projector's weight expects
-        inter = torch.stack([pick(i) for i in taps], dim=-1).reshape(B * N, T * Pp, D * len(taps))
+        inter = torch.stack([state(i) for i in taps], dim=-1).reshape(B * N, T * Pp, D * len(taps))
         out = torch.cat([x, inter], dim=-1).reshape(B, N, T, Pp, -1)
         return out[:, :, :, :P]
 

@@ -439,3 +439,34 @@ def test_bad_inputs_are_one_line_errors(ckpt, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="vision_output_dim is 100, expected hidden_size"):
         VLM.from_pretrained(tmp_path)
+
+
+HUB_CONFIG = {  # meta-llama/Llama-3.2-11B-Vision-Instruct's config.json, in transformers 4.45's spelling
+    "architectures": ["MllamaForConditionalGeneration"], "image_token_index": 128256, "model_type": "mllama",
+    "text_config": {"cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38], "hidden_size": 4096,
+                    "intermediate_size": 14336, "max_position_embeddings": 131072, "model_type": "mllama_text_model",
+                    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+                    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                    "rope_theta": 500000.0, "vocab_size": 128256, "bos_token_id": 128000,
+                    "eos_token_id": [128001, 128008, 128009], "pad_token_id": 128004, "tie_word_embeddings": False},
+    "vision_config": {"attention_heads": 16, "hidden_act": "gelu", "hidden_size": 1280, "image_size": 560,
+                      "intermediate_layers_indices": [3, 7, 15, 23, 30], "intermediate_size": 5120, "max_num_tiles": 4,
+                      "model_type": "mllama_vision_model", "norm_eps": 1e-5, "num_channels": 3, "num_global_layers": 8,
+                      "num_hidden_layers": 32, "patch_size": 14, "vision_output_dim": 7680,
+                      "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]},
+}
+
+
+def test_the_11b_config_builds_every_weight_of_transformers_with_the_same_shape():
+    """On the meta device, no memory: the real model's tensor names and shapes equal transformers' one for one."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from model import mllama_config_from_hf, mllama_from_hf_key
+    cfg = mllama_config_from_hf(HUB_CONFIG)
+    assert cfg.text.rope_scaling["rope_type"] == "llama3" and cfg.text.head_dim == 128 and cfg.pad_token_id == 128004
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in MllamaVLM(cfg).state_dict().items()}
+        hf = MllamaForConditionalGeneration(MllamaConfig(**HUB_CONFIG))
+    theirs = {mllama_from_hf_key(k): tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert ours == theirs
+    assert 10.6e9 < sum(np.prod(s) for s in ours.values()) < 10.7e9

@@ -1384,10 +1384,11 @@ def mllama_config_from_hf(d, where="config.json"):
         raise InputError(f"{where}: vision_config.vision_output_dim is {vision.vision_output_dim}, expected "
                          f"hidden_size * (1 + {taps} intermediate layers) = {vision.hidden_size * (1 + taps)}")
     if bad := [i for i in text.cross_attention_layers if not 0 <= i < text.num_hidden_layers]:
-        raise InputError(f"{where}: text_config.cross_attention_layers {bad} lie outside 0..{text.num_hidden_layers - 1}")
+        raise InputError(f"{where}: text_config.cross_attention_layers {bad} lie outside "
+                         f"0..{text.num_hidden_layers - 1}")
     pad = tc.get("pad_token_id", d.get("pad_token_id"))
-    return MllamaConfig(vision=vision, text=text, image_token_id=d.get("image_token_index", d.get("image_token_id", 128256)),
-                        pad_token_id=128004 if pad is None else pad)
+    image_token = d.get("image_token_index", d.get("image_token_id", 128256))
+    return MllamaConfig(vision=vision, text=text, image_token_id=image_token, pad_token_id=128004 if pad is None else pad)
 
 
 def mllama_config_to_hf(cfg):
@@ -1396,7 +1397,6 @@ def mllama_config_to_hf(cfg):
     rope = text.pop("rope_scaling") or {"rope_type": "default"}
     text.pop("head_dim")
     text.update(model_type="mllama_text_model", pad_token_id=cfg.pad_token_id,
-                rope_parameters={**rope, "rope_theta": text["rope_theta"]},
                 rope_scaling=None if rope["rope_type"] == "default" else rope)
     return {"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama",
             "text_config": text, "vision_config": {**asdict(cfg.vision), "model_type": "mllama_vision_model"},
@@ -1444,7 +1444,8 @@ class MllamaVisionAttention(nn.Module):
 
     def forward(self, x, mask):
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -1616,7 +1617,8 @@ class MllamaTextModel(nn.Module):
         cross = set(cfg.cross_attention_layers)
         # self-attention layers are numbered without the cross layers: their index is their KV-cache slot
         self.layers = nn.ModuleList(MllamaCrossAttentionDecoderLayer(cfg) if i in cross else
-                                    LlamaLayer(cfg, i - sum(j < i for j in cross)) for i in range(cfg.num_hidden_layers))
+                                    LlamaLayer(cfg, i - sum(j < i for j in cross))
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 

@@ -33,7 +33,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 # three shapes: cross-attention layers first, in the middle, last and adjacent; taps early and late; GQA or not
 CONFIGS = {
     "a": dict(cross=[1, 3], text_layers=5, local=5, taps=[1, 3], kv=2),
-    "b": dict(cross=[0], text_layers=3, local=4, taps=[0, 2, 3], kv=4, tie=True),  # tied in the config, never in transformers: embed_tokens has 8 more rows
+    # tied in the config, never in transformers: embed_tokens has 8 rows more than lm_head
+    "b": dict(cross=[0], text_layers=3, local=4, taps=[0, 2, 3], kv=4, tie=True),
     "c": dict(cross=[2, 4, 5], text_layers=6, local=3, taps=[2], kv=2, rope=None),
 }
 
@@ -253,7 +254,8 @@ def test_left_padded_batch_equals_each_prompt_alone(ckpt):
         for i in range(2):
             n = int(b["attention_mask"][i].sum())
             alone = vlm(b["input_ids"][i:i + 1, -n:], b["pixel_values"][i:i + 1], 2,
-                        aspect_ratio_ids=b["aspect_ratio_ids"][i:i + 1], aspect_ratio_mask=b["aspect_ratio_mask"][i:i + 1],
+                        aspect_ratio_ids=b["aspect_ratio_ids"][i:i + 1],
+                        aspect_ratio_mask=b["aspect_ratio_mask"][i:i + 1],
                         cross_attention_mask=b["cross_attention_mask"][i:i + 1, -n:])
             assert maxdiff(full[i, -n:], alone[0]) <= TOL
 
@@ -326,11 +328,13 @@ def test_every_key_layout_loads_and_save_pretrained_is_read_back_by_transformers
     src = tmp_path / "src"
     src.mkdir()
     sd = load_file(path / "model.safetensors")
-    assert "vision_model.layernorm_pre.weight" in sd and "language_model.lm_head.weight" in sd  # what transformers writes
+    # transformers writes the hub's layout
+    assert "vision_model.layernorm_pre.weight" in sd and "language_model.lm_head.weight" in sd
     if layout == "new":  # the names transformers >= 4.52 keeps in memory
         sd = {("lm_head." + k[len("language_model.lm_head."):] if k.startswith("language_model.lm_head.") else
                "model.language_model." + k[len("language_model.model."):] if k.startswith("language_model.model.") else
                "model." + k): v for k, v in sd.items()}
+        assert {"model.language_model.norm.weight", "model.vision_model.class_embedding", "lm_head.weight"} <= set(sd)
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
     (src / "config.json").write_text((path / "config.json").read_text())
     if layout == "sharded":
@@ -343,7 +347,7 @@ def test_every_key_layout_loads_and_save_pretrained_is_read_back_by_transformers
     b.pop("attention_mask")
     with torch.no_grad():
         assert maxdiff(back(**b).logits, hf(**b).logits) == 0
-        assert maxdiff(VLM.from_pretrained(tmp_path / "out")(**{k: v for k, v in b.items()}), vlm(**b)) == 0
+        assert maxdiff(VLM.from_pretrained(tmp_path / "out")(**b), vlm(**b)) == 0
 
 
 # ---------------------------------------------------------------------------- preprocessing and the prompt batch
@@ -370,7 +374,8 @@ def test_preprocessing_equals_mllama_image_processor(mode, size):
 def test_cross_attention_mask_equals_the_processors_for_several_images():
     from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
                                                               get_cross_attention_token_mask)
-    rows = [[1, 5, IMAGE, 6, 7, IMAGE, IMAGE, 8, 9], [PAD, PAD, IMAGE, 1, 5, 6, 7, 8, 9], [1, IMAGE, 5, 6, 7, 8, 9, IMAGE, 4]]
+    rows = [[1, 5, IMAGE, 6, 7, IMAGE, IMAGE, 8, 9], [PAD, PAD, IMAGE, 1, 5, 6, 7, 8, 9],
+            [1, IMAGE, 5, 6, 7, 8, 9, IMAGE, 4]]
     n_tiles = [[2, 1, 4], [3], [1, 4]]
     ref = convert_sparse_cross_attention_mask_to_dense([get_cross_attention_token_mask(r, IMAGE) for r in rows],
                                                        n_tiles, 4, len(rows[0]))

@@ -421,6 +421,26 @@ def test_encode_batch_equals_mllama_processor(ckpt, tmp_path):
     assert ours_logits.shape == (2, 9, VOCAB) and torch.isfinite(ours_logits).all()
 
 
+def test_generate_responses_answers_mllama_prompts_with_their_images(ckpt, tmp_path):
+    """The stages' generation loop runs mllama unchanged: encode_batch's extra inputs reach generate."""
+    from model import generate_responses, load_image
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    make_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, (h, w) in enumerate([(20, 45), (30, 12)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"prompt": f"w{5 + i} w9", "image": str(tmp_path / f"{i}.png")})
+    texts = generate_responses(vlm, tok, rows, layer=[1, 4], max_new_tokens=6)
+    b = encode_batch(tok, vlm.config, [r["prompt"] for r in rows], [load_image(r["image"]) for r in rows])
+    toks, _ = vlm.generate(**b, image_layer=[1, 4], max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    assert texts == [tok.decode(row[:row.index(2)] if 2 in row else row, skip_special_tokens=True)
+                     for row in toks.tolist()]
+    assert all(texts)
+
+
 # ---------------------------------------------------------------------------- bad input: one clear line each
 
 def test_bad_inputs_are_one_line_errors(ckpt, tmp_path):

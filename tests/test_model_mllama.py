@@ -321,6 +321,28 @@ def test_lora_adapts_only_the_language_model_and_merges_back(ckpt):
         assert maxdiff(vlm(b["input_ids"], **kw), adapted) <= TOL
 
 
+def test_peft_adapter_folder_loads_in_transformers_and_peft_with_the_same_logits(ckpt, tmp_path):
+    from peft import PeftModel
+    from transformers import MllamaForConditionalGeneration
+    from model import save_peft_adapter
+    path, hf = ckpt
+    vlm = VLM.from_pretrained(path)
+    add_lora(vlm, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in vlm.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.2)
+    save_peft_adapter(vlm, tmp_path / "peft", base_model=str(path))
+    b = batch(seed=9)
+    b.pop("attention_mask")
+    with torch.no_grad():
+        base = hf(**b).logits
+        fresh = MllamaForConditionalGeneration.from_pretrained(path).eval()  # peft adapts the model it is given
+        ref = PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()(**b).logits
+        vlm.config.vision.intermediate_layers_indices = [2, 4]  # plain transformers 5 taps one layer later
+        assert maxdiff(vlm(**b), ref) <= TOL and maxdiff(ref, base) > 1e-3
+
+
 @pytest.mark.parametrize("layout", ["hub", "new", "sharded"])
 def test_every_key_layout_loads_and_save_pretrained_is_read_back_by_transformers(ckpt, tmp_path, layout):
     from transformers import MllamaForConditionalGeneration

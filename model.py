@@ -1653,7 +1653,8 @@ def mllama_cross_mask(cross_attention_mask, num_patches, dtype):
 
 class MllamaVLM(VLM):
     """Llama 3.2 Vision with VLM's interface: the same forward, hidden_states, generate, LoRA, value head and saving;
-    images come as tiles with aspect_ratio_ids, aspect_ratio_mask and the cross_attention_mask (mllama_encode_batch)."""
+    images come as tiles with aspect_ratio_ids, aspect_ratio_mask and the cross_attention_mask (mllama_encode_batch).
+    image_layer is a layer of the local ViT, with Meta's taps (MllamaVisionModel says exactly what runs)."""
 
     def __init__(self, cfg):
         nn.Module.__init__(self)  # not VLM.__init__: there is no CLIP tower here

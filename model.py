@@ -1036,6 +1036,8 @@ def format_prompt(tokenizer, prompt, image=True):
 
 def encode_prompt(tokenizer, cfg, prompt, image=True):
     """Token ids of one formatted prompt, `<image>` expanded to cfg.image_seq_length image tokens."""
+    if isinstance(cfg, MllamaConfig):
+        return mllama_encode_prompt(tokenizer, cfg, prompt, image)
     image_tok = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
     text = format_prompt(tokenizer, prompt, image).replace("<image>", image_tok * cfg.image_seq_length)
     # a chat template writes its own special tokens; the plain LLaVA prompt needs the tokenizer's BOS
@@ -1882,22 +1884,26 @@ def mllama_cross_attention_mask(input_ids, image_token_id, n_tiles, max_num_tile
     return mask
 
 
-def mllama_encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", max_len=None):
-    """encode_batch for mllama: one <|image|> token per prompt, not expanded (the image enters through
-    cross-attention), the image as tiles with aspect_ratio_ids and aspect_ratio_mask, and the processor's
-    cross_attention_mask. A prompt longer than max_len is refused."""
+def mllama_encode_prompt(tokenizer, cfg, prompt, image=True):
+    """encode_prompt for mllama: one <|image|> token right before the text, as in Meta's prompt format, not expanded
+    (the image enters through cross-attention)."""
     image_tok = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
-    seqs = []
-    for p in prompts:
-        text = format_prompt(tokenizer, p, images is not None).replace("<image>\n", image_tok)
-        ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
-        n = sum(i == cfg.image_token_id for i in ids)
-        if n != (images is not None):
-            raise InputError(f"tokenizer turned the prompt into {n} image tokens, expected {int(images is not None)} "
-                             f"(is {image_tok!r} = id {cfg.image_token_id} a special token of this tokenizer?)")
-        if max_len is not None and len(ids) > max_len:
-            raise InputError(f"a prompt takes {len(ids)} tokens, more than the {max_len} the context leaves for it")
-        seqs.append(ids)
+    text = format_prompt(tokenizer, prompt, image).replace("<image>\n", image_tok)
+    ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+    n = sum(i == cfg.image_token_id for i in ids)
+    if n != image:
+        raise InputError(f"tokenizer turned the prompt into {n} image tokens, expected {int(image)} "
+                         f"(is {image_tok!r} = id {cfg.image_token_id} a special token of this tokenizer?)")
+    return ids
+
+
+def mllama_encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", max_len=None):
+    """encode_batch for mllama: the prompts (cut to max_len as fit_prompt does), each image as tiles with its
+    aspect_ratio_ids and aspect_ratio_mask, and the processor's cross_attention_mask."""
+    if max_len is None:
+        seqs = [encode_prompt(tokenizer, cfg, p, image=images is not None) for p in prompts]
+    else:
+        seqs = [fit_prompt(tokenizer, cfg, p, max_len, image=images is not None)[0] for p in prompts]
     input_ids, mask = left_pad(seqs, cfg.pad_token_id)
     batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": None, "aspect_ratio_ids": None,
              "aspect_ratio_mask": None, "cross_attention_mask": None}

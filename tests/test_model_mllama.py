@@ -438,6 +438,11 @@ def test_encode_batch_equals_mllama_processor(ckpt, tmp_path):
     for k in ("input_ids", "attention_mask", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"):
         assert ours[k].tolist() == ref[k].tolist(), k
     assert maxdiff(ours["pixel_values"], ref["pixel_values"]) <= 1e-5
+    cut = encode_batch(tok, vlm.config, prompts, ims, max_len=7)  # the first prompt loses the start of its text
+    assert cut["input_ids"][0].tolist() == [1, 10, IMAGE, 7, 8, 11, 12]
+    assert cut["cross_attention_mask"][0, :, 0, 0].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    text_only = encode_batch(tok, vlm.config, prompts)
+    assert text_only["input_ids"][0].tolist() == [1, 10, 5, 6, 7, 8, 11, 12] and text_only["pixel_values"] is None
     with torch.no_grad():
         ours_logits = vlm(**ours, image_layer=2)
     assert ours_logits.shape == (2, 9, VOCAB) and torch.isfinite(ours_logits).all()

@@ -10,7 +10,12 @@ Builds the whole smol world, in order, each stage once: what exists is kept, wha
 
 Every stage runs in this process, with its config file, as `python stage.py config/...` would run it.
 
-    python data/smol/world.py
+Training stages 3-6 takes about an hour on a 2-core CPU, so the repository ships what they trained as small pieces
+(data/smol/pieces.py): by default the policy smol-llava/ and the reward model out/smol-rm/ are assembled from those
+in seconds, and only --from_scratch trains them (then `python data/smol/pieces.py export` rewrites the pieces).
+
+    python data/smol/world.py                  # base + smol-VQA, then the shipped policy and reward model
+    python data/smol/world.py --from_scratch   # every stage trained here
 """
 import importlib
 import json
@@ -41,9 +46,16 @@ def built(*paths):
     return all(os.path.exists(os.path.join(root, p)) for p in paths)
 
 
-def build(reward_dir="out/smol-rm"):
+def reward_model_done(reward_dir):
+    path = os.path.join(root, reward_dir, "reward_train.json")
+    return os.path.exists(path) and json.load(open(path)).get("finished")
+
+
+def build(reward_dir="out/smol-rm", from_scratch=False):
     """Make every missing piece of the smol world; return the policy's and the reward model's folders."""
-    from data.smol import build_preferences, build_sft, prepare, pretrain_vision, vqa
+    from data.smol import build_preferences, build_sft, pieces, prepare, pretrain_vision, vqa
+    shipped = not from_scratch and reward_dir == "out/smol-rm" and all(
+        os.path.isfile(os.path.join(root, pieces.pieces_dir, name)) for name in pieces.PIECES)
     cwd = os.getcwd()
     os.chdir(root)  # the configs name their files relative to the repository root
     try:
@@ -51,6 +63,14 @@ def build(reward_dir="out/smol-rm"):
             ("base", lambda: built("data/smol/smol-llava-base/config.json"), prepare.prepare),
             ("smol-VQA", lambda: built(*(f"data/smol/vqa/vqa_{s}.jsonl" for s in vqa.SPLITS)),
              lambda: [vqa.write_split(os.path.join(here, "vqa"), 0, s, n) for s, n in vqa.SPLITS.items()]),
+        ]
+        shipped_steps = [
+            ("policy, from data/smol/pieces", lambda: built("data/smol/smol-llava/config.json"),
+             lambda: pieces.assemble("smol-llava.safetensors")),
+            ("reward model, from data/smol/pieces", lambda: reward_model_done(reward_dir),
+             lambda: pieces.assemble("smol-rm.safetensors")),
+        ]
+        trained_steps = [
             ("tower", lambda: built("data/smol/smol-llava-vision-tower/config.json"), pretrain_vision.main),
             ("vision", lambda: built("data/smol/smol-llava-vision/config.json"),
              lambda: run_with_config("sft", "smol_vision")),
@@ -58,10 +78,9 @@ def build(reward_dir="out/smol-rm"):
             ("safety", lambda: built("data/smol/smol-llava/config.json"), lambda: run_with_config("sft", "smol_sft")),
             ("preferences", lambda: built("data/smol/prefs_train.jsonl", "data/smol/prefs_test.jsonl"),
              build_preferences.build_preferences),
-            ("reward model", lambda: built(os.path.join(reward_dir, "reward_train.json")) and json.load(
-                open(os.path.join(root, reward_dir, "reward_train.json"))).get("finished"),
-             lambda: run_with_config("reward", "smol_rm")),
+            ("reward model", lambda: reward_model_done(reward_dir), lambda: run_with_config("reward", "smol_rm")),
         ]
+        steps += shipped_steps if shipped else trained_steps
         for i, (name, done, make) in enumerate(steps, 1):
             if done():
                 print(f"smol world {i}/{len(steps)} {name}: ready")
@@ -76,4 +95,7 @@ def build(reward_dir="out/smol-rm"):
 
 
 if __name__ == "__main__":
-    run_stage(build)
+    args = sys.argv[1:]
+    if args not in ([], ["--from_scratch"]):
+        raise SystemExit(f"usage: python data/smol/world.py [--from_scratch] (got {' '.join(args)})")
+    run_stage(lambda: build(from_scratch=bool(args)))

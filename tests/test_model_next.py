@@ -146,6 +146,29 @@ def test_vision_features_are_the_crops_hidden_states_and_exit_early(ckpt):
     assert maxdiff(mixed[:n[0]], ref[1][:n[0], 1:]) < 1e-5 and maxdiff(mixed[n[0]:], ref[2][n[0]:, 1:]) < 1e-5
 
 
+def test_token_counts_and_packing_equal_transformers_at_llava_v1_6_scale(tmp_path):
+    """The real geometry (336-px tower, 14-px patches, LlavaNextConfig's default canvases) over many image sizes:
+    image_token_count equals the processor's count, and pack_anyres equals LlavaNextModel.pack_image_features."""
+    from types import SimpleNamespace
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextModel, LlavaNextProcessor
+    from model import pack_anyres
+    hf_cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14))
+    cfg = config_from_hf(hf_cfg.to_dict())
+    tiny.make_tiny_tokenizer(tmp_path)
+    proc = LlavaNextProcessor(image_processor=next_processor(cfg), tokenizer=load_tokenizer(tmp_path), patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    rng = np.random.default_rng(0)
+    sizes = [tuple(int(v) for v in rng.integers(1, 2500, 2)) for _ in range(300)] + [(336, 672), (1, 1000), (480, 640)]
+    for h, w in sizes:
+        assert image_token_count(cfg, h, w) == proc._get_number_of_features(h, w, 336, 336) - 1, (h, w)
+    newline = torch.randn(4)
+    for h, w in sizes[::10]:
+        crops = torch.randn(1 + math.prod(anyres_grid(cfg, h, w)), 576, 4)
+        ref, _ = LlavaNextModel.pack_image_features(SimpleNamespace(config=hf_cfg), [crops], torch.tensor([[h, w]]),
+                                                    "default", newline)
+        assert torch.equal(pack_anyres(cfg, crops, [(h, w)], newline), ref[0]), (h, w)
+
+
 # ---------------------------------------------------------------------------- preprocessing and prompts
 
 def random_image(size, mode="RGB", seed=0):

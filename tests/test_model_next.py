@@ -300,3 +300,65 @@ def test_missing_image_sizes_and_wrong_token_count_are_named(tmp_path):
     one_image_token_less = rows[0][:3] + rows[0][4:]
     one_line_error(vlm, torch.tensor([one_image_token_less]), pixel_values=pv, image_sizes=torch.tensor(SIZES[:1]),
                    match=r"image tokens, expected \d+ for images of sizes \[\[20, 50\]\]")
+
+
+# ---------------------------------------------------------------------------- the stages on a NeXT checkpoint
+
+def test_extract_keeps_every_crop_and_scores_the_tokens_the_lm_reads(tmp_path, monkeypatch):
+    import json
+    from safetensors import safe_open
+    import extract
+    from model import load_image
+    tiny.make_tiny_llava_next(tmp_path / "vlm", layers=3)
+    (tmp_path / "images").mkdir()
+    sizes = [(20, 50), (61, 33), (30, 30), (9, 14)]
+    for i, (h, w) in enumerate(sizes):
+        random_image((h, w), seed=i).save(tmp_path / "images" / f"{i}.png")
+    for k, v in dict(init_from=str(tmp_path / "vlm"), image_dir=str(tmp_path / "images"), out_dir=str(tmp_path / "out"),
+                     batch_size=3, device="cpu", dtype="float32", save_dtype="float32", limit=0).items():
+        monkeypatch.setattr(extract, k, v)
+    extract.main()
+
+    vlm = VLM.from_pretrained(tmp_path / "vlm")
+    images = [load_image(tmp_path / "images" / f"{i}.png") for i in range(len(sizes))]
+    batch = encode_batch(tiny.make_tiny_tokenizer(tmp_path / "vlm"), vlm.config, ["w5"] * len(images), images)
+    with safe_open(str(tmp_path / "out" / "features.safetensors"), "pt") as f:
+        crops = json.loads(f.metadata()["crops_per_image"])
+        assert crops == [1 + math.prod(anyres_grid(vlm.config, h, w)) for h, w in sizes]
+        for layer in range(4):
+            ours = vlm.vision_features(batch["pixel_values"], layer, image_sizes=batch["image_sizes"])
+            assert maxdiff(f.get_tensor(f"layer_{layer}"), ours) <= 1e-5
+    stats = json.loads((tmp_path / "out" / "statistics.json").read_text())
+    # the tokens scored are the image tokens of the prompts but the image_newlines, one per grid row
+    with torch.no_grad():
+        packed = vlm.embed(batch["input_ids"], batch["pixel_values"], image_sizes=batch["image_sizes"])
+    packed = packed[batch["input_ids"] == tiny.IMAGE_TOKEN]
+    newlines = int((packed == vlm.image_newline).all(-1).sum())
+    assert stats["fit_tokens"] + stats["scored_tokens"] == len(packed) - newlines
+    assert stats["layers"][2]["cos_default"] == pytest.approx(1.0)
+
+
+def test_evaluate_generates_each_layer_as_the_model_does_alone(tmp_path, monkeypatch):
+    import json
+    import evaluate
+    from model import load_image
+    tiny.make_tiny_llava_next(tmp_path / "vlm", layers=3, **CONFIGS["mistral"])
+    tiny.make_tiny_tokenizer(tmp_path / "vlm")
+    (tmp_path / "images").mkdir()
+    for i, size in enumerate([(20, 50), (61, 33)]):
+        random_image(size, seed=i).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "cp.jsonl").write_text("".join(json.dumps({"image": f"images/{i}.png", "prompt": p}) + "\n"
+                                               for i, p in enumerate(["w5 w6 w7", "w8 w9"])))
+    for k, v in dict(init_from=str(tmp_path / "vlm"), data_path=str(tmp_path / "cp.jsonl"), max_new_tokens=4,
+                     batch_size=3, device="cpu", dtype="float32", out_dir=str(tmp_path / "out")).items():
+        monkeypatch.setattr(evaluate, k, v)
+    evaluate.main()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["layer"]) for r in rows) == sorted((f"cp:{n}", l) for n in (1, 2) for l in (1, 2, 3))
+    vlm, tok = VLM.from_pretrained(tmp_path / "vlm"), load_tokenizer(tmp_path / "vlm")
+    for row in rows:
+        enc = encode_batch(tok, vlm.config, [row["prompt"]], [load_image(tmp_path / "out" / row["image"])])
+        tokens, _ = vlm.generate(**enc, image_layer=row["layer"], max_new_tokens=4, eos_token_id=tok.eos_token_id)
+        assert row["response"] == evaluate.decode_until_eos(tok, tokens, [tok.eos_token_id])[0]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [g["layers"] for g in summary["groups"]] == ["1-1", "2-2", "3-3", ""]

@@ -628,8 +628,9 @@ def anyres_crops(cfg, pixel_values, image_sizes, layers):
     """The crops of every image (base view first; the zero crops that pad a batch dropped) as one (crops, 3, H, W)
     batch, and the image layer of each crop: its image's."""
     if image_sizes is None or pixel_values.ndim != 5:
+        missing = "" if image_sizes is not None else ", no image_sizes"
         raise InputError(f"LLaVA-NeXT takes pixel_values (B, crops, 3, H, W) and image_sizes (B, 2); got pixel_values "
-                         f"of shape {tuple(pixel_values.shape)}" + ("" if image_sizes is not None else ", no image_sizes"))
+                         f"of shape {tuple(pixel_values.shape)}{missing}")
     sizes = torch.as_tensor(image_sizes).tolist()
     if len(sizes) != pixel_values.shape[0]:
         raise InputError(f"got {len(sizes)} image_sizes for {pixel_values.shape[0]} images; expected one each")
@@ -767,7 +768,8 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None, image_sizes=None):
+                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
+                 image_sizes=None):
         """Sample continuations of a left-padded batch with a static KV cache.
 
         Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
@@ -1226,7 +1228,8 @@ def encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", pad_to_squa
             raise InputError("pad_to_square is LLaVA-1.5's; a LLaVA-NeXT checkpoint expects its anyres crops")
         views = [preprocess_anyres(im, cfg.vision.image_size, cfg.image_grid_pinpoints) for im in images]
         n = max(v.shape[0] for v, _ in views)
-        batch["pixel_values"] = torch.stack([F.pad(v, (0, 0, 0, 0, 0, 0, 0, n - v.shape[0])) for v, _ in views]).to(device)
+        padded = [F.pad(v, (0, 0, 0, 0, 0, 0, 0, n - v.shape[0])) for v, _ in views]
+        batch["pixel_values"] = torch.stack(padded).to(device)
         batch["image_sizes"] = torch.tensor([size for _, size in views], device=device)
     elif images is not None:
         batch["pixel_values"] = torch.stack(
@@ -1288,9 +1291,11 @@ def preprocess_anyres(image, size, pinpoints):
     else:
         new_w, new_h = min(math.ceil(width * (canvas_h / height)), canvas_w), canvas_h
     canvas = Image.new("RGB", (canvas_w, canvas_h))
-    canvas.paste(image.resize((new_w, new_h), resample=Image.BICUBIC), ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2))
+    canvas.paste(image.resize((new_w, new_h), resample=Image.BICUBIC),
+                 ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2))
     views = [image.resize((size, size), resample=Image.BICUBIC)]
-    views += [canvas.crop((x, y, x + size, y + size)) for y in range(0, canvas_h, size) for x in range(0, canvas_w, size)]
+    views += [canvas.crop((x, y, x + size, y + size))
+              for y in range(0, canvas_h, size) for x in range(0, canvas_w, size)]
     return torch.stack([preprocess_image(v, size) for v in views]), (height, width)
 
 

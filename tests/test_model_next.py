@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tiny
-from model import (VLM, add_lora, anyres_grid, config_from_hf, encode_batch, image_token_count, left_pad, load_tokenizer,
-                   lora_disabled, merge_lora, preprocess_anyres)
+from model import (VLM, add_lora, anyres_grid, config_from_hf, encode_batch, image_token_count, left_pad,
+                   load_tokenizer, lora_disabled, merge_lora, preprocess_anyres)
 from test_model import maxdiff, one_line_error
 
 TOL = 1e-4
@@ -33,7 +33,7 @@ SIZES = [(20, 50), (61, 33), (30, 30), (9, 14), (56, 28)]
 
 
 def crops_of(vlm, sizes, seed=0):
-    """Random pixel_values (B, most crops, 3, S, S): as in a processed batch, images with fewer crops are zero-padded."""
+    """Random pixel_values (B, most crops, 3, S, S); as in a processed batch, fewer crops are zero-padded."""
     g = torch.Generator().manual_seed(seed)
     n = [1 + math.prod(anyres_grid(vlm.config, h, w)) for h, w in sizes]
     S = vlm.config.vision.image_size
@@ -248,7 +248,8 @@ def test_every_checkpoint_key_layout_loads_and_save_pretrained_round_trips(tmp_p
     vlm.save_pretrained(tmp_path / "out")
     from transformers import LlavaNextForConditionalGeneration
     back = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
-    assert back.config.text_config.sliding_window == 12 and back.config.image_grid_pinpoints == hf.config.image_grid_pinpoints
+    assert back.config.text_config.sliding_window == 12
+    assert back.config.image_grid_pinpoints == hf.config.image_grid_pinpoints
     ours_again = VLM.from_pretrained(tmp_path / "out")
     with torch.no_grad():
         assert maxdiff(back(input_ids=ids, pixel_values=pv, image_sizes=size, vision_feature_layer=1).logits, ref) == 0
@@ -362,3 +363,25 @@ def test_evaluate_generates_each_layer_as_the_model_does_alone(tmp_path, monkeyp
         assert row["response"] == evaluate.decode_until_eos(tok, tokens, [tok.eos_token_id])[0]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [g["layers"] for g in summary["groups"]] == ["1-1", "2-2", "3-3", ""]
+
+
+def test_lppo_scores_a_next_rollout_as_it_was_sampled(tmp_path):
+    """L-PPO's response_forward (old, reference and new logprobs) on a NeXT rollout: image_sizes travel in the
+    rollout, and the sampled tokens get the logprobs they were drawn with."""
+    import lppo
+    from model import first_eos_mask
+    tiny.make_tiny_llava_next(tmp_path, **CONFIGS["mistral"])
+    tiny.make_tiny_tokenizer(tmp_path)
+    vlm, tok = VLM.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    add_lora(vlm, targets=("q_proj", "v_proj"), r=4, alpha=8)
+    vlm.add_value_head()
+    ro = encode_batch(tok, vlm.config, ["w5 w6", "w7"], [random_image((20, 50)), random_image((61, 33), seed=1)])
+    ro["layers"] = torch.tensor([1, 3])
+    tokens, sampled = vlm.generate(ro["input_ids"], ro["attention_mask"], ro["pixel_values"], ro["layers"], 8, 1.0,
+                                   eos_token_id=2, image_sizes=ro["image_sizes"], return_logprobs=True,
+                                   generator=torch.Generator().manual_seed(0))
+    ro["mask"], _ = first_eos_mask(tokens, 2)
+    ro["tokens"] = tokens.masked_fill(ro["mask"] == 0, tiny.PAD_TOKEN)
+    with torch.no_grad():
+        logprobs, _, values = lppo.response_forward(vlm, ro, 1.0)
+    assert maxdiff(logprobs * ro["mask"], sampled * ro["mask"]) <= TOL and values.shape == tokens.shape

@@ -169,6 +169,29 @@ def test_token_counts_and_packing_equal_transformers_at_llava_v1_6_scale(tmp_pat
         assert torch.equal(pack_anyres(cfg, crops, [(h, w)], newline), ref[0]), (h, w)
 
 
+def test_llava_v1_6_geometry_end_to_end_from_the_processor(tmp_path):
+    """llava-v1.6's geometry at tiny width: a 336-px tower of 14-px patches, the default canvases, photos of real
+    sizes through LlavaNextImageProcessor, ~2,000-token prompts; our logits equal transformers'."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    base = tiny.tiny_llava_next_config()
+    vision = CLIPVisionConfig(**{**base.vision_config.to_dict(), "image_size": 336, "patch_size": 14})
+    hf_cfg = LlavaNextConfig(vision_config=vision, text_config=base.text_config, image_token_index=tiny.IMAGE_TOKEN,
+                             pad_token_id=tiny.PAD_TOKEN)
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(hf_cfg).save_pretrained(tmp_path)
+    hf = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()  # random image_newline, saved and read
+    vlm = VLM.from_pretrained(tmp_path)
+    assert vlm.config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    for i, (h, w) in enumerate([(480, 640), (1000, 300)]):
+        ref = next_processor(vlm.config)(images=random_image((h, w), seed=i), return_tensors="pt")
+        n = image_token_count(vlm.config, h, w)
+        ids = torch.tensor([[1, 5] + [tiny.IMAGE_TOKEN] * n + [6, 7]])
+        with torch.no_grad():
+            ours = vlm(ids, pixel_values=ref["pixel_values"], image_layer=3, image_sizes=ref["image_sizes"])
+            theirs = hf(input_ids=ids, **ref, vision_feature_layer=3).logits
+        assert n > 1500 and maxdiff(ours, theirs) <= TOL, (h, w)
+
+
 # ---------------------------------------------------------------------------- preprocessing and prompts
 
 def random_image(size, mode="RGB", seed=0):

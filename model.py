@@ -10,7 +10,8 @@ The ICET vulnerability (Image enCoder Early-exiT) is what happens when the proje
 state of an earlier layer l instead: `vlm(input_ids, pixel_values, image_layer=l)`. Early exit is real
 here: asking for layer l runs only the first l CLIP blocks.
 
-Weights come from Hugging Face llava checkpoints (safetensors, any of the three key layouts that exist);
+Weights come from Hugging Face llava checkpoints (safetensors, any of the three key layouts that exist), LLaVA-1.5
+and LLaVA-NeXT (anyres: several crops of an image, every one read at `image_layer`; Vicuna or Mistral text);
 only the weights are read, every module below is our own. Module names follow Hugging Face's so that
 checkpoint keys map onto them by stripping a prefix. Also here: LoRA, the PPO value head, batched
 generation with a static KV cache, the tokenizer and prompt, and CLIP image preprocessing; and the pieces
@@ -127,6 +128,8 @@ def config_from_hf(d, where="config.json"):
     tc = dict(d.get("text_config") or {})
     if tc.get("model_type") == "mistral":
         tc = {**MISTRAL_DEFAULTS, **tc}
+    else:
+        tc.pop("sliding_window", None)  # only Mistral's attention reads it
     if tc.get("model_type", "llama") not in ("llama", "mistral"):
         raise InputError(f"{where}: text_config.model_type {tc['model_type']!r} is not supported, expected 'llama'")
     # transformers 5 moved rope_theta and rope_scaling into one dict, rope_parameters.
@@ -182,7 +185,7 @@ def check_pinpoints(pinpoints, tile, where):
 
 
 def config_to_hf(cfg):
-    """The inverse of config_from_hf: a config.json dict that transformers reads as a LlavaConfig."""
+    """The inverse of config_from_hf: a config.json that transformers reads as a LlavaConfig or LlavaNextConfig."""
     text = asdict(cfg.text)
     rope = text.pop("rope_scaling") or {"rope_type": "default"}
     text.update(model_type="llama", rope_theta=text["rope_theta"], rope_scaling=None if rope["rope_type"] == "default" else rope)

@@ -72,7 +72,8 @@ def test_logits_match_transformers_llava_next_at_every_image_layer_and_aspect_ra
     L = vlm.config.vision.num_hidden_layers
     sizes = SIZES
     pv, rows = crops_of(vlm, sizes), prompt_rows(vlm, sizes)
-    for layer in [None, vlm.config.vision_feature_layer, 0, 1, -L]:
+    # None and the checkpoint's default, the patch embeddings (0), an early layer, and a negative index (= layer 2)
+    for layer in [None, vlm.config.vision_feature_layer, 0, 1, -(L - 1)]:
         for i, row in enumerate(rows):
             ids, size = torch.tensor([row]), torch.tensor([sizes[i]])
             with torch.no_grad():

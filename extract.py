@@ -18,6 +18,9 @@ OOD are then the noise floor, what a layer from the default layer's distribution
 table report it.
 
     python extract.py --init_from=checkpoints/llava-1.5-7b-hf --image_dir=data/cp/images --out_dir=out/extract
+
+A LLaVA-NeXT checkpoint runs CLIP on every anyres crop of an image; the statistics use the crop tokens the LM reads
+(the base view and the un-padded grid; image_newline is the same at every layer and is left out).
 """
 
 import json
@@ -28,8 +31,8 @@ from pathlib import Path
 import torch
 
 from model import (DEVICE, DTYPE, IMAGE_SUFFIXES, VLM, InputError, atomic_save_safetensors, atomic_write,
-                   atomic_write_json, check_writable_dir, line_plot, load_image, markdown_table, preprocess_image,
-                   run_stage, write_csv)
+                   atomic_write_json, check_writable_dir, line_plot, load_image, markdown_table, pack_anyres,
+                   preprocess_anyres, preprocess_image, run_stage, write_csv)
 
 # -----------------------------------------------------------------------------
 # Statistics on (N, D) feature sets, in float64
@@ -121,6 +124,18 @@ def layer_statistics(fit, features, default_layer, text_embeddings, shrinkage):
     return rows
 
 
+def image_crops(cfg, image, tokens_per_crop):
+    """(crops, 3, S, S) CLIP inputs of one image and the indices, into its flattened (crops * tokens_per_crop) crop
+    tokens, of those the LM reads: LLaVA-1.5's one view, all of it; LLaVA-NeXT's anyres crops, base view first."""
+    if cfg.image_grid_pinpoints is None:
+        return preprocess_image(image, cfg.vision.image_size)[None], torch.arange(tokens_per_crop)
+    crops, size = preprocess_anyres(image, cfg.vision.image_size, cfg.image_grid_pinpoints)
+    # pack the tokens' own indices as the model packs features; image_newline, marked -1, is dropped
+    index = torch.arange(len(crops) * tokens_per_crop, dtype=torch.float64).view(len(crops), tokens_per_crop, 1)
+    packed = pack_anyres(cfg, index, [size], torch.tensor([-1.0], dtype=torch.float64))[:, 0]
+    return crops, packed[packed >= 0].long()
+
+
 # layer_statistics' keys -> the table's and the plot's names
 COLUMNS = {"cos_default": "cos vs default", "norm_default": "norm / default", "cka_default": "CKA vs default",
            "fd_default": "FD vs default", "cos_text": "cos vs text", "norm_text": "norm / text",
@@ -167,17 +182,21 @@ def main():
     L = vlm.config.vision.num_hidden_layers
     default_layer = vlm.image_layer_index(None)
     drop_cls = vlm.config.vision_feature_select_strategy == "default"
+    n_per_crop = (vlm.config.vision.image_size // vlm.config.vision.patch_size) ** 2 + (not drop_cls)
 
-    # one pass through CLIP per batch keeps every layer's hidden state
-    per_layer = {l: [] for l in range(L + 1)}
+    # one pass through CLIP per batch keeps every layer's hidden state, of every crop (one per image for LLaVA-1.5)
+    per_layer, crops_per_image, reads = {l: [] for l in range(L + 1)}, [], []
     for i in range(0, len(images), batch_size):
-        pixels = torch.stack([preprocess_image(load_image(p), vlm.config.vision.image_size)
-                              for p in images[i:i + batch_size]]).to(device, dtypes[dtype])
+        batch = [image_crops(vlm.config, load_image(p), n_per_crop) for p in images[i:i + batch_size]]
+        pixels = torch.cat([crops for crops, _ in batch]).to(device, dtypes[dtype])
         for l, h in vlm.vision_tower(pixels, set(range(L + 1))).items():
             per_layer[l].append((h[:, 1:] if drop_cls else h).to("cpu", dtypes[save_dtype]))
+        crops_per_image += [len(crops) for crops, _ in batch]
+        reads += [rows for _, rows in batch]
         print(f"features: {min(i + batch_size, len(images))}/{len(images)} images")
     per_layer = {l: torch.cat(hs) for l, hs in per_layer.items()}
-    meta = {"images": json.dumps(images), "default_layer": str(default_layer), "model": init_from}
+    meta = {"images": json.dumps(images), "default_layer": str(default_layer), "model": init_from,
+            "crops_per_image": json.dumps(crops_per_image)}
     atomic_save_safetensors({f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
                             os.path.join(out_dir, "features.safetensors"), metadata=meta)
 
@@ -187,11 +206,12 @@ def main():
     order = random.Random(seed).sample(range(len(images)), len(images))
     fit_images, scored_images = sorted(order[:len(images) // 2]), sorted(order[len(images) // 2:])
     g = torch.Generator().manual_seed(seed)
-    n_per_image = per_layer[0].shape[1]
+    first_token = [0] + torch.tensor(crops_per_image).cumsum(0).mul(n_per_crop).tolist()
 
     def tokens(image_idx):
-        """Up to max_tokens random image tokens of these images, as rows of a layer's flattened (images * tokens)."""
-        flat = (torch.tensor(image_idx)[:, None] * n_per_image + torch.arange(n_per_image)).flatten()
+        """Up to max_tokens random image tokens the LM reads of these images, as rows of a layer's flattened
+        (crops * tokens)."""
+        flat = torch.cat([first_token[i] + reads[i] for i in image_idx])
         return flat[torch.randperm(len(flat), generator=g)[:max_tokens]]
 
     def project(layer, rows):

@@ -150,8 +150,8 @@ def clipped_value_loss(values, old_values, returns, mask, clip_eps_v):
 
 # -----------------------------------------------------------------------------
 # the pieces of one iteration that touch the model. A rollout is one dict of (B, ...) tensors: the prompt batch
-# (input_ids, attention_mask, pixel_values), the image layer of each row (layers), the response (tokens, mask), and
-# what PPO adds to it (old_logprobs, old_values, advantages, returns).
+# (input_ids, attention_mask, pixel_values; image_sizes for LLaVA-NeXT), the image layer of each row (layers), the
+# response (tokens, mask), and what PPO adds to it (old_logprobs, old_values, advantages, returns).
 
 
 def response_forward(vlm, ro, temperature, with_values=True):
@@ -161,7 +161,7 @@ def response_forward(vlm, ro, temperature, with_values=True):
     T0 = ro["input_ids"].shape[1]
     ids = torch.cat([ro["input_ids"], ro["tokens"]], 1)
     mask = torch.cat([ro["attention_mask"], ro["mask"]], 1)
-    hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask)[:, T0 - 1:-1]
+    hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask, ro.get("image_sizes"))[:, T0 - 1:-1]
     logits = vlm.response_logits(hidden)
     logprobs = logprobs_from_logits(logits, ro["tokens"], temperature)
     entropy = entropy_from_logits(logits.detach(), temperature)
@@ -413,6 +413,7 @@ def main():
         with torch.no_grad(), ctx:
             tokens, _ = vlm.generate(ro["input_ids"], ro["attention_mask"], ro["pixel_values"], ro["layers"],
                                      max_new_tokens, temperature, eos_token_id=eos_id,
+                                     image_sizes=ro.get("image_sizes"),
                                      generator=generator_for("rollout", seed, rank, iter_num, device=dev))
         ro["mask"], has_eos = first_eos_mask(tokens, eos_id)
         ro["tokens"] = tokens.masked_fill(ro["mask"] == 0, pad_id)

@@ -10,7 +10,8 @@ The ICET vulnerability (Image enCoder Early-exiT) is what happens when the proje
 state of an earlier layer l instead: `vlm(input_ids, pixel_values, image_layer=l)`. Early exit is real
 here: asking for layer l runs only the first l CLIP blocks.
 
-Weights come from Hugging Face llava checkpoints (safetensors, any of the three key layouts that exist);
+Weights come from Hugging Face llava checkpoints (safetensors, any of the three key layouts that exist), LLaVA-1.5
+and LLaVA-NeXT (anyres: several crops of an image, every one read at `image_layer`; Vicuna or Mistral text);
 only the weights are read, every module below is our own. Module names follow Hugging Face's so that
 checkpoint keys map onto them by stripping a prefix. Also here: LoRA, the PPO value head, batched
 generation with a static KV cache, the tokenizer and prompt, and CLIP image preprocessing; and the pieces
@@ -75,6 +76,7 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    sliding_window: int = None            # Mistral: each token sees itself and the sliding_window - 1 before it
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -91,10 +93,12 @@ class VLMConfig:
     vision_feature_select_strategy: str = "default"   # "default" drops the CLS token, "full" keeps it
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
+    image_grid_pinpoints: list = None     # LLaVA-NeXT: the [height, width] canvases of anyres; None for LLaVA-1.5
 
     @property
     def image_seq_length(self):
-        """Image tokens per image: one per patch, plus the CLS token for the "full" strategy."""
+        """Image tokens per image: one per patch, plus the CLS token for the "full" strategy. For LLaVA-NeXT this is the
+        base view alone; an image's whole count depends on its size (image_token_count)."""
         n = (self.vision.image_size // self.vision.patch_size) ** 2
         return n + (self.vision_feature_select_strategy == "full")
 
@@ -109,12 +113,23 @@ def _pick(cls, d, where):
         raise InputError(f"{where}: {e}") from None
 
 
+# transformers' MistralConfig defaults where they differ from Llama's: a saved config.json leaves defaults out
+MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                    "sliding_window": 4096}
+# LlavaNextConfig's default anyres canvases, [height, width], for a 336-px tower
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
 def config_from_hf(d, where="config.json"):
-    """Translate a transformers LlavaConfig dict (4.x or 5.x spelling) into a VLMConfig."""
-    if d.get("model_type") != "llava":
-        raise InputError(f"{where}: model_type is {d.get('model_type')!r}, expected 'llava' "
-                         "(LLaVA-1.5 style checkpoints, e.g. llava-hf/llava-1.5-7b-hf)")
+    """Translate a transformers LlavaConfig or LlavaNextConfig dict (4.x or 5.x spelling) into a VLMConfig."""
+    if d.get("model_type") not in ("llava", "llava_next"):
+        raise InputError(f"{where}: model_type is {d.get('model_type')!r}, expected 'llava' or 'llava_next' "
+                         "(LLaVA-1.5 or LLaVA-NeXT style checkpoints, e.g. llava-hf/llava-1.5-7b-hf)")
     tc = dict(d.get("text_config") or {})
+    if tc.get("model_type") == "mistral":
+        tc = {**MISTRAL_DEFAULTS, **tc}
+    else:
+        tc.pop("sliding_window", None)  # only Mistral's attention reads it
     if tc.get("model_type", "llama") not in ("llama", "mistral"):
         raise InputError(f"{where}: text_config.model_type {tc['model_type']!r} is not supported, expected 'llama'")
     # transformers 5 moved rope_theta and rope_scaling into one dict, rope_parameters.
@@ -149,15 +164,34 @@ def config_from_hf(d, where="config.json"):
                          "expected 'default' or 'full'")
     if cfg.projector_hidden_act != "gelu":
         raise InputError(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r} is not supported, expected 'gelu'")
+    if d["model_type"] == "llava_next":
+        cfg.image_grid_pinpoints = check_pinpoints(d.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS,
+                                                   vision.image_size, where)
+        if cfg.vision_feature_select_strategy != "default":
+            # the CLS token does not fit the crop grid: transformers' LlavaNextModel fails on "full" too
+            raise InputError(f"{where}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} with "
+                             "model_type 'llava_next', expected 'default'")
     return cfg
 
 
+def check_pinpoints(pinpoints, tile, where):
+    """image_grid_pinpoints as a list of [height, width], each a multiple of the tower's image size `tile`."""
+    ok = isinstance(pinpoints, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+        isinstance(v, int) and v > 0 and v % tile == 0 for v in p) for p in pinpoints)
+    if not (ok and pinpoints):
+        raise InputError(f"{where}: image_grid_pinpoints {str(pinpoints)[:80]}, expected a list of [height, width] "
+                         f"pairs, each a multiple of vision_config.image_size {tile}")
+    return [list(p) for p in pinpoints]
+
+
 def config_to_hf(cfg):
-    """The inverse of config_from_hf: a config.json dict that transformers reads as a LlavaConfig."""
+    """The inverse of config_from_hf: a config.json that transformers reads as a LlavaConfig or LlavaNextConfig."""
     text = asdict(cfg.text)
     rope = text.pop("rope_scaling") or {"rope_type": "default"}
     text.update(model_type="llama", rope_theta=text["rope_theta"], rope_scaling=None if rope["rope_type"] == "default" else rope)
-    return {
+    if text.pop("sliding_window") is not None:  # Llama has no sliding window; Mistral is Llama with one
+        text.update(model_type="mistral", sliding_window=cfg.text.sliding_window)
+    out = {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "text_config": text, "vision_config": {**asdict(cfg.vision), "model_type": "clip_vision_model"},
         "image_token_index": cfg.image_token_id, "pad_token_id": cfg.pad_token_id,
@@ -167,6 +201,10 @@ def config_to_hf(cfg):
         "multimodal_projector_bias": cfg.multimodal_projector_bias,
         "tie_word_embeddings": cfg.text.tie_word_embeddings,
     }
+    if cfg.image_grid_pinpoints is not None:
+        out.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                   image_grid_pinpoints=cfg.image_grid_pinpoints)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -373,13 +411,16 @@ class LlamaLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def build_mask(key_valid, q_pos, k_pos):
+def build_mask(key_valid, q_pos, k_pos, window=None):
     """Boolean (B, 1, Tq, Tk) mask: causal, no padding keys, and each query always sees itself.
+    With a sliding `window` (Mistral), a query sees only the keys less than `window` positions back.
 
     Seeing itself keeps left-padding rows (which have no valid key) finite: a fully masked row would turn
     into NaN, and NaN times a zero attention weight is still NaN in every later layer.
     """
     causal = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        causal = causal & (k_pos[None, :] > q_pos[:, None] - window)
     mask = (causal[None] & key_valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])[None]
     return mask[:, None]
 
@@ -543,6 +584,85 @@ def load_lora(vlm, path):
 
 
 # -----------------------------------------------------------------------------
+# LLaVA-NeXT's anyres: besides a squashed base view, the image is resized onto the best-fitting canvas of
+# image_grid_pinpoints, cut into tower-sized crops, and the crops' features are stitched back into one grid, the
+# canvas's padding removed and an image_newline token ending each row. Every rule here is transformers' own
+# (select_best_resolution, get_anyres_image_grid_shape, unpad_image, pack_image_features), rounding included.
+
+def select_best_resolution(height, width, pinpoints):
+    """The [height, width] canvas that keeps most of the image's pixels and, among those, wastes the fewest."""
+    best, best_key = None, None
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        key = (kept, -(w * h - kept))
+        if best_key is None or key > best_key:  # strict: the first of equal canvases wins
+            best, best_key = (h, w), key
+    return best
+
+
+def anyres_grid(cfg, height, width):
+    """(rows, cols) of tower-sized crops that a height x width image is cut into."""
+    h, w = select_best_resolution(height, width, cfg.image_grid_pinpoints)
+    return h // cfg.vision.image_size, w // cfg.vision.image_size
+
+
+def unpad_offsets(height, width, grid_h, grid_w):
+    """(top, left): rows and columns of a grid_h x grid_w feature grid to cut from each side, the padding that centred
+    a height x width image on its canvas."""
+    if width / height > grid_w / grid_h:
+        return (grid_h - int(round(height * (grid_w / width), 7))) // 2, 0
+    return 0, (grid_w - int(round(width * (grid_h / height), 7))) // 2
+
+
+def image_token_count(cfg, height, width):
+    """Image tokens of one height x width image: cfg.image_seq_length for LLaVA-1.5; for LLaVA-NeXT the base view's,
+    plus the un-padded grid's, plus one image_newline per grid row."""
+    if cfg.image_grid_pinpoints is None:
+        return cfg.image_seq_length
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    rows, cols = anyres_grid(cfg, height, width)
+    top, left = unpad_offsets(height, width, rows * side, cols * side)
+    grid_h, grid_w = rows * side - 2 * top, cols * side - 2 * left
+    return side * side + grid_h * (grid_w + 1)
+
+
+def anyres_crops(cfg, pixel_values, image_sizes, layers):
+    """The crops of every image (base view first; the zero crops that pad a batch dropped) as one (crops, 3, H, W)
+    batch, and the image layer of each crop: its image's."""
+    if image_sizes is None or pixel_values.ndim != 5:
+        missing = "" if image_sizes is not None else ", no image_sizes"
+        raise InputError(f"LLaVA-NeXT takes pixel_values (B, crops, 3, H, W) and image_sizes (B, 2); got pixel_values "
+                         f"of shape {tuple(pixel_values.shape)}{missing}")
+    sizes = torch.as_tensor(image_sizes).tolist()
+    if len(sizes) != pixel_values.shape[0]:
+        raise InputError(f"got {len(sizes)} image_sizes for {pixel_values.shape[0]} images; expected one each")
+    n = [1 + math.prod(anyres_grid(cfg, h, w)) for h, w in sizes]
+    if max(n) > pixel_values.shape[1]:
+        raise InputError(f"an image of size {sizes[n.index(max(n))]} needs {max(n)} crops, pixel_values has "
+                         f"{pixel_values.shape[1]} (preprocess with encode_batch or preprocess_anyres)")
+    crops = torch.cat([pv[:k] for pv, k in zip(pixel_values, n)])
+    return crops, [layer for layer, k in zip(layers, n) for _ in range(k)]
+
+
+def pack_anyres(cfg, feats, image_sizes, newline):
+    """(tokens, D) image tokens of a batch, image after image, from the projected crop features (crops, N, D): each
+    image's base view, then its crops stitched into one feature grid, un-padded, image_newline ending each row."""
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    out, i = [], 0
+    for height, width in torch.as_tensor(image_sizes).tolist():
+        rows, cols = anyres_grid(cfg, height, width)
+        grid = feats[i + 1:i + 1 + rows * cols].view(rows, cols, side, side, -1)
+        grid = grid.permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)  # crop rows side by side
+        top, left = unpad_offsets(height, width, rows * side, cols * side)
+        grid = grid[top:rows * side - top, left:cols * side - left]
+        grid = torch.cat([grid, newline.to(grid.dtype).expand(grid.shape[0], 1, -1)], dim=1)
+        out += [feats[i], grid.flatten(0, 1)]
+        i += 1 + rows * cols
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
 # The VLM: vision tower + projector + Llama decoder (+ an optional value head for PPO)
 
 class VLM(nn.Module):
@@ -551,6 +671,8 @@ class VLM(nn.Module):
         self.config = cfg
         self.vision_tower = CLIPVisionTower(cfg.vision)
         self.multi_modal_projector = Projector(cfg)
+        if cfg.image_grid_pinpoints is not None:  # LLaVA-NeXT: the learned token that ends each row of an image's grid
+            self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
         self.language_model = LlamaModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
@@ -579,19 +701,23 @@ class VLM(nn.Module):
                              f"(expected {-(L + 1)}..{L}, or None for the default {self.config.vision_feature_layer})")
         return layer % (L + 1)
 
-    def vision_features(self, pixel_values, layer=None):
-        """(B, N, D_vision) hidden state of CLIP layer `layer` (int, or one per image), CLS dropped for 'default'."""
+    def vision_features(self, pixel_values, layer=None, image_sizes=None):
+        """(B, N, D_vision) hidden state of CLIP layer `layer` (int, or one per image), CLS dropped for 'default'.
+        LLaVA-NeXT, pixel_values (B, crops, 3, H, W) with image_sizes (B, 2): one row per crop of every image, in order
+        (anyres_crops), each at its image's layer."""
         B = pixel_values.shape[0]
         per_image = isinstance(layer, (list, tuple)) or (torch.is_tensor(layer) and layer.ndim == 1)
         layers = [self.image_layer_index(l) for l in layer] if per_image else [self.image_layer_index(layer)] * B
         if len(layers) != B:
             raise InputError(f"got {len(layers)} image layers for {B} images; expected one per image")
+        if self.config.image_grid_pinpoints is not None:
+            pixel_values, layers = anyres_crops(self.config, pixel_values, image_sizes, layers)
         p = self.vision_tower.embeddings.patch_embedding.weight
         hs = self.vision_tower(pixel_values.to(p.dtype), set(layers))
         x = hs[layers[0]] if len(hs) == 1 else torch.stack([hs[l][i] for i, l in enumerate(layers)])
         return x[:, 1:] if self.config.vision_feature_select_strategy == "default" else x
 
-    def embed(self, input_ids, pixel_values=None, image_layer=None):
+    def embed(self, input_ids, pixel_values=None, image_layer=None, image_sizes=None):
         """Token embeddings with the image-token positions replaced by projected layer-`image_layer` features."""
         x = self.language_model.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
@@ -600,25 +726,33 @@ class VLM(nn.Module):
             if n:
                 raise InputError(f"input_ids hold {n} image tokens but no pixel_values were given")
             return x
-        feats = self.multi_modal_projector(self.vision_features(pixel_values, image_layer))
+        feats = self.multi_modal_projector(self.vision_features(pixel_values, image_layer, image_sizes))
+        if self.config.image_grid_pinpoints is not None:
+            feats = pack_anyres(self.config, feats, image_sizes, self.image_newline)
+            if n != feats.shape[0]:
+                raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} for images of sizes "
+                                 f"{torch.as_tensor(image_sizes).tolist()} (expand <image> to image_token_count "
+                                 "tokens per image, see encode_batch)")
+            return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
         if n != feats.shape[0] * feats.shape[1]:
             raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} images x {feats.shape[1]} "
                              "(expand <image> to config.image_seq_length tokens per image, see encode_batch)")
         return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
 
-    def hidden_states(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None):
+    def hidden_states(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, image_sizes=None):
         """The decoder's final (normed) hidden states (B, T, D), image tokens taken from layer `image_layer`.
 
         With padding, pass attention_mask: positions then count from each row's first real token,
-        so a left-padded row gives the same result as that row alone.
+        so a left-padded row gives the same result as that row alone. LLaVA-NeXT also needs image_sizes.
         """
-        x = self.embed(input_ids, pixel_values, image_layer)
+        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         idx = torch.arange(T, device=input_ids.device)
-        return self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx))
+        return self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx,
+                                                              self.config.text.sliding_window))
 
     def response_logits(self, hidden):
         """Logits for generated tokens: the image placeholder can never be a response token, since the next
@@ -627,17 +761,18 @@ class VLM(nn.Module):
         return logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
 
     def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
-                logits_at=None):
+                logits_at=None, image_sizes=None):
         """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
         With `logits_at`, a (B, T) bool mask, only the logits at those positions, (N, V): training needs them only
         where a label follows, and the vocabulary head over every image and prompt position is costly."""
-        hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask)
+        hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask, image_sizes)
         logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])
         return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None):
+                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
+                 image_sizes=None):
         """Sample continuations of a left-padded batch with a static KV cache.
 
         Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
@@ -653,13 +788,14 @@ class VLM(nn.Module):
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
         cfg = self.config.text
         S = T0 + max_new_tokens
-        x = self.embed(input_ids, pixel_values, image_layer)
+        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)
+        window = cfg.sliding_window
         cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim, x.dtype, dev)
         key_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
         key_valid[:, :T0] = attention_mask.bool()
         k_pos = torch.arange(S, device=dev)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos), cache, k_pos[:T0])
+        hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos, window), cache, k_pos[:T0])
         logits = self.response_logits(hidden[:, -1]).float()
         pos = pos[:, -1:]
         tokens, logprobs = [], []
@@ -676,7 +812,7 @@ class VLM(nn.Module):
             key_valid[:, T0 + t] = True
             pos = pos + 1
             h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
-                                    build_mask(key_valid, cur, k_pos), cache, cur)
+                                    build_mask(key_valid, cur, k_pos, window), cache, cur)
             logits = self.response_logits(h[:, -1]).float()
         tokens = torch.stack(tokens, 1)
         return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
@@ -785,6 +921,7 @@ KEY_PREFIXES = [
     ("model.vision_tower.", "vision_tower."),
     ("vision_tower.vision_model.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),               # LLaVA-NeXT, transformers >= 4.52 in memory
 ]
 # Present in checkpoints, never used here: CLIP's pooled-output norm, and buffers that are computed, not learned
 # (GPT-2's causal-mask tables, Llama's RoPE table, position ids), which older versions saved.
@@ -1035,16 +1172,18 @@ def format_prompt(tokenizer, prompt, image=True):
 
 
 def encode_prompt(tokenizer, cfg, prompt, image=True):
-    """Token ids of one formatted prompt, `<image>` expanded to cfg.image_seq_length image tokens."""
+    """Token ids of one formatted prompt, `<image>` expanded to cfg.image_seq_length image tokens, or to `image` of
+    them when it is a count (a LLaVA-NeXT image's depends on its size: image_token_count)."""
     if isinstance(cfg, MllamaConfig):
         return mllama_encode_prompt(tokenizer, cfg, prompt, image)
+    n_image = cfg.image_seq_length if image is True else int(image)
     image_tok = tokenizer.convert_ids_to_tokens(cfg.image_token_id)
-    text = format_prompt(tokenizer, prompt, image).replace("<image>", image_tok * cfg.image_seq_length)
+    text = format_prompt(tokenizer, prompt, image).replace("<image>", image_tok * n_image)
     # a chat template writes its own special tokens; the plain LLaVA prompt needs the tokenizer's BOS
     ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
     n = sum(i == cfg.image_token_id for i in ids)
-    if n != (cfg.image_seq_length if image else 0):
-        raise InputError(f"tokenizer turned <image> into {n} image tokens, expected {cfg.image_seq_length} "
+    if n != n_image:
+        raise InputError(f"tokenizer turned <image> into {n} image tokens, expected {n_image} "
                          f"(is {image_tok!r} = id {cfg.image_token_id} a special token of this tokenizer?)")
     return ids
 
@@ -1080,18 +1219,29 @@ def left_pad(seqs, pad_id, device="cpu"):
 
 def encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", pad_to_square=False, max_len=None):
     """A left-padded batch of prompts (each with its image, or text-only if images is None); with max_len, a
-    longer prompt loses the start of its text (fit_prompt)."""
+    longer prompt loses the start of its text (fit_prompt). For LLaVA-NeXT also image_sizes, and pixel_values are
+    each image's anyres crops, (B, crops, 3, H, W), zero crops padding the batch, as LlavaNextImageProcessor pads;
+    for mllama, mllama_encode_batch."""
     if isinstance(cfg, MllamaConfig):
         return mllama_encode_batch(tokenizer, cfg, prompts, images, device, max_len)
+    if images is not None and len(images) != len(prompts):
+        raise InputError(f"got {len(images)} images for {len(prompts)} prompts; expected one each")
+    n_image = [0] * len(prompts) if images is None else [image_token_count(cfg, im.height, im.width) for im in images]
     if max_len is None:
-        seqs = [encode_prompt(tokenizer, cfg, p, image=images is not None) for p in prompts]
+        seqs = [encode_prompt(tokenizer, cfg, p, image=n) for p, n in zip(prompts, n_image)]
     else:
-        seqs = [fit_prompt(tokenizer, cfg, p, max_len, image=images is not None)[0] for p in prompts]
+        seqs = [fit_prompt(tokenizer, cfg, p, max_len, image=n)[0] for p, n in zip(prompts, n_image)]
     input_ids, mask = left_pad(seqs, cfg.pad_token_id, device)
     batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": None}
-    if images is not None:
-        if len(images) != len(prompts):
-            raise InputError(f"got {len(images)} images for {len(prompts)} prompts; expected one each")
+    if images is not None and cfg.image_grid_pinpoints is not None:
+        if pad_to_square:
+            raise InputError("pad_to_square is LLaVA-1.5's; a LLaVA-NeXT checkpoint expects its anyres crops")
+        views = [preprocess_anyres(im, cfg.vision.image_size, cfg.image_grid_pinpoints) for im in images]
+        n = max(v.shape[0] for v, _ in views)
+        padded = [F.pad(v, (0, 0, 0, 0, 0, 0, 0, n - v.shape[0])) for v, _ in views]
+        batch["pixel_values"] = torch.stack(padded).to(device)
+        batch["image_sizes"] = torch.tensor([size for _, size in views], device=device)
+    elif images is not None:
         batch["pixel_values"] = torch.stack(
             [preprocess_image(im, cfg.vision.image_size, pad_to_square) for im in images]).to(device)
     return batch
@@ -1137,6 +1287,26 @@ def preprocess_image(image, size, pad_to_square=False):
     x = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size] * (1 / 255)
     x = (x - np.array(OPENAI_CLIP_MEAN, dtype=np.float32)) / np.array(OPENAI_CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def preprocess_anyres(image, size, pinpoints):
+    """PIL image -> ((crops, 3, size, size) float32, (height, width)), identical to transformers'
+    LlavaNextImageProcessor: the base view (the whole image squashed to size x size), then the image resized to fit
+    the best canvas of `pinpoints` (aspect kept), centred on black, and cut into size x size crops, row by row."""
+    image = to_rgb(image)
+    width, height = image.size
+    canvas_h, canvas_w = select_best_resolution(height, width, pinpoints)
+    if canvas_w / width < canvas_h / height:  # the width fills the canvas
+        new_w, new_h = canvas_w, min(math.ceil(height * (canvas_w / width)), canvas_h)
+    else:
+        new_w, new_h = min(math.ceil(width * (canvas_h / height)), canvas_w), canvas_h
+    canvas = Image.new("RGB", (canvas_w, canvas_h))
+    canvas.paste(image.resize((new_w, new_h), resample=Image.BICUBIC),
+                 ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2))
+    views = [image.resize((size, size), resample=Image.BICUBIC)]
+    views += [canvas.crop((x, y, x + size, y + size))
+              for y in range(0, canvas_h, size) for x in range(0, canvas_w, size)]
+    return torch.stack([preprocess_image(v, size) for v in views]), (height, width)
 
 
 @torch.no_grad()

@@ -359,9 +359,9 @@ def test_offline_hub_id_says_what_to_download(monkeypatch):
 def test_unsupported_model_type_is_refused(tmp_path):
     tiny.make_tiny_llava(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["model_type"] = "llava_next"
+    cfg["model_type"] = "qwen2_vl"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    one_line_error(VLM.from_pretrained, tmp_path, match="model_type is 'llava_next', expected 'llava'")
+    one_line_error(VLM.from_pretrained, tmp_path, match="model_type is 'qwen2_vl', expected 'llava' or 'llava_next'")
 
 
 def test_missing_unexpected_and_misshapen_weights_are_listed(tmp_path):

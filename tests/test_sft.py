@@ -125,9 +125,9 @@ def test_each_example_reaches_the_vision_tower_at_its_drawn_layer(world, tmp_pat
     seen = []
     original = VLM.vision_features
 
-    def spy(self, pixel_values, layer=None):
+    def spy(self, pixel_values, layer=None, image_sizes=None):
         seen.append([self.image_layer_index(l) for l in layer])
-        return original(self, pixel_values, layer)
+        return original(self, pixel_values, layer, image_sizes)
     monkeypatch.setattr(VLM, "vision_features", spy)
     use_config(monkeypatch, init_from=str(world / "tiny"), data=str(world / "train.jsonl"), max_iters=3,
                image_layer=[1, 3, -1], batch_size=2, gradient_accumulation_steps=2, out_dir=str(tmp_path))

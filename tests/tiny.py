@@ -50,7 +50,7 @@ def rewrite_layout(path, layout):
         if layout == "new":
             k = (k.replace("language_model.model.", "model.language_model.", 1)
                   .replace("language_model.lm_head.", "lm_head.", 1))
-            if k.startswith(("vision_tower.", "multi_modal_projector.")):
+            if k.startswith(("vision_tower.", "multi_modal_projector.")) or k == "image_newline":
                 k = "model." + k
         out[k] = v
     save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -103,3 +103,32 @@ def make_gpt2_tokenizer(folder, corpus, vocab_size):
     os.makedirs(folder, exist_ok=True)
     tokenizer.model.save(str(folder))
     return tokenizer.get_vocab_size()
+
+
+def tiny_llava_next_config(text="llama", sliding_window=None, pinpoints=((28, 56), (56, 28), (56, 56)), image_size=28,
+                           layers=4, feature_layer=-2, strategy="default"):
+    """A LlavaNextConfig as tiny_llava_config's, with a Llama or a Mistral text model and anyres canvases."""
+    from transformers import LlavaNextConfig, MistralConfig
+    base = tiny_llava_config(layers=layers, image_size=image_size)
+    text_config = base.text_config
+    if text == "mistral":
+        text_config = MistralConfig(**{k: getattr(text_config, k) for k in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id")},
+            sliding_window=sliding_window)
+    return LlavaNextConfig(vision_config=base.vision_config, text_config=text_config, image_token_index=IMAGE_TOKEN,
+                           pad_token_id=PAD_TOKEN, vision_feature_layer=feature_layer,
+                           vision_feature_select_strategy=strategy, image_grid_pinpoints=[list(p) for p in pinpoints])
+
+
+def make_tiny_llava_next(path, seed=0, **kw):
+    """Save a random LlavaNextForConditionalGeneration to `path` and return it (float32, eval mode)."""
+    from transformers import LlavaNextForConditionalGeneration
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(tiny_llava_next_config(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias") or "class_embedding" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model

@@ -78,3 +78,98 @@ def test_a_prompt_that_does_not_fit_the_compiled_cache_is_refused(ckpt):
     ids, mask = left_pad(prompt_ids((6,)), tiny.PAD_TOKEN)
     with pytest.raises(InputError, match="compiled KV cache of 2 rows x 40 positions"):
         vlm.generate(ids, mask, pixel_values=pixels(1), max_new_tokens=20)
+
+
+@pytest.fixture
+def strict():
+    """strict_compile for one test, then dynamo's own limits again."""
+    c = torch._dynamo.config
+    saved = c.recompile_limit, c.fail_on_recompile_limit_hit, c.error_on_recompile
+    strict_compile()
+    yield
+    c.recompile_limit, c.fail_on_recompile_limit_hit, c.error_on_recompile = saved
+
+
+def lppo_rollout(n_text, n, seed):
+    """A rollout of len(n_text) prompts (16 image tokens each, left-padded) and n-token responses of varied length."""
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = left_pad(prompt_ids(n_text, seed=seed), tiny.PAD_TOKEN)
+    B = len(n_text)
+    lengths = torch.randint(1, n + 1, (B,), generator=g)
+    lengths[0] = n
+    resp_mask = (torch.arange(n) < lengths[:, None]).long()
+    tokens = torch.randint(3, 100, (B, n), generator=g).masked_fill(resp_mask == 0, tiny.PAD_TOKEN)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(B, seed=seed),
+            "layers": torch.tensor([1, 2, -2, 2][:B]), "tokens": tokens, "mask": resp_mask,
+            "advantages": torch.randn(B, n, generator=g), "returns": torch.randn(B, n, generator=g)}
+
+
+def lppo_iteration(vlm, opt, ro, forward):
+    """Score a rollout (policy and reference), then one PPO epoch on it: what one L-PPO iteration asks of the model."""
+    from lppo import ppo_update, score_rollout
+    ro = dict(ro)
+    ro["old_logprobs"], ro["old_values"], ref = score_rollout(vlm, ro, 0.7, 2, forward=forward)
+    ppo_update(vlm, opt, ro, ppo_epochs=1, minibatch_size=4, micro_batch_size=2, clip_eps=0.2, clip_eps_v=0.2,
+               vf_coef=0.1, grad_clip=1.0, temperature=0.7, generator=torch.Generator().manual_seed(0),
+               forward=forward)
+    return [ro["old_logprobs"], ro["old_values"], ref] + [p.detach().clone() for p in opt.param_groups[0]["params"]]
+
+
+def test_lppo_compiled_forward_gives_the_eager_numbers_and_never_recompiles_after_warm_up(ckpt, strict):
+    from functools import partial
+    from lppo import bucketed_response_forward, decoder_heads, response_forward
+    heads = torch.compile(decoder_heads, backend="aot_eager", fullgraph=True, dynamic=False)
+    forward = partial(bucketed_response_forward, heads=heads, bucket=16)
+    eager, compiled = policy(ckpt), policy(ckpt)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (eager, compiled)]
+    warm_up = [((3, 7, 2, 5), 5), ((6, 2, 1, 4), 17)]  # prompts of 27 tokens or fewer, responses in two buckets
+    after = [((1, 8, 4, 4), 12), ((5, 5, 5, 3), 20), ((8, 1, 2, 2), 3), ((2, 3, 7, 6), 32)]
+    for i, (n_text, n) in enumerate(warm_up + after):
+        if i == len(warm_up):
+            graphs = counters["stats"]["unique_graphs"]
+            torch._dynamo.config.error_on_recompile = True  # from here on a recompile raises
+        ro = lppo_rollout(n_text, n, seed=i)
+        want = lppo_iteration(eager, opts[0], ro, response_forward)
+        got = lppo_iteration(compiled, opts[1], ro, forward)
+        for a, b in zip(want, got):
+            assert (a - b).abs().max().item() <= 1e-5
+    # score, reference (adapters off, no values) and training (grad) forwards, each for two response buckets
+    assert graphs == 6 and counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"]
+
+
+def sft_batch(tok, cfg, seed, B=3):
+    """B (image, prompt, response) examples of random lengths, as sft.py batches them: ids, labels, mask, pixels."""
+    import sft
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: " ".join(f"w{int(i)}" for i in torch.randint(3, 99, (n,), generator=g))
+    examples = [dict(zip(("input_ids", "labels"), sft.build_example(tok, cfg, words(int(a)), words(int(b)), 256)))
+                for a, b in torch.randint(1, 12, (B, 2), generator=g)]
+    return examples, pixels(B, seed=seed)
+
+
+def test_sft_compiled_forward_has_no_graph_break_gives_the_eager_loss_and_never_recompiles_after_warm_up(ckpt, strict):
+    import sft
+    from model import load_tokenizer
+    tok = load_tokenizer(ckpt)
+    eager, compiled = policy(ckpt).train(), policy(ckpt).train()
+    net = torch.compile(compiled, backend="aot_eager", fullgraph=True, dynamic=False)  # fullgraph: a break raises
+    layers = [2, 2, 2]
+    for step in range(6):
+        if step == 2:  # warm-up: the first two batches' buckets hold every batch after them
+            graphs = counters["stats"]["unique_graphs"]
+            torch._dynamo.config.error_on_recompile = True
+        examples, pv = sft_batch(tok, eager.config, seed=step)
+        n_target = sft.count_targets(examples)
+        ids, labels, mask = sft.collate(examples, tiny.PAD_TOKEN)
+        want = sft.sft_loss(eager(ids, pv, layers, mask, logits_at=sft.target_positions(labels)), labels, n_target)
+        ids, labels, mask = sft.collate(examples, tiny.PAD_TOKEN, multiple=32)
+        got = sft.bucketed_sft_loss(net, ids, pv, layers, mask, labels, n_target, bucket=32)
+        want.backward()
+        got.backward()
+        assert abs(got.item() - want.item()) <= 1e-5
+        for m_e, m_c in zip(lora_modules(eager), lora_modules(compiled)):
+            assert (m_e.lora_A.grad - m_c.lora_A.grad).abs().max().item() <= 1e-5
+            m_e.lora_A.grad = m_e.lora_B.grad = m_c.lora_A.grad = m_c.lora_B.grad = None
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"]

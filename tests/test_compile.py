@@ -173,3 +173,29 @@ def test_sft_compiled_forward_has_no_graph_break_gives_the_eager_loss_and_never_
             m_e.lora_A.grad = m_e.lora_B.grad = m_c.lora_A.grad = m_c.lora_B.grad = None
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_reward_compiled_forward_gives_the_eager_scores_and_never_recompiles_after_warm_up(kind, tmp_path, strict):
+    from reward import RewardModel, bradley_terry_loss, right_pad
+    from test_reward import make_tiny_gpt2, make_tiny_llama_rm, ragged
+    (make_tiny_gpt2 if kind == "gpt2" else make_tiny_llama_rm)(tmp_path)
+    eager, compiled = RewardModel.from_pretrained(tmp_path).train(), RewardModel.from_pretrained(tmp_path).train()
+    net = torch.compile(compiled, backend="aot_eager", fullgraph=True, dynamic=False)
+    pad = eager.pad_token_id
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        if step == 2:  # warm-up: lengths up to 32 and up to 64, the two buckets every later batch falls in
+            graphs = counters["stats"]["unique_graphs"]
+            torch._dynamo.config.error_on_recompile = True
+        top = [30, 60][step % 2]
+        seqs = ragged(torch.randint(3, top, (3,), generator=g).tolist() + [top], 3, 100, seed=step)
+        want, got = eager(*right_pad(seqs, pad)), net(*right_pad(seqs, pad, multiple=32))
+        assert (got - want).abs().max().item() <= 1e-5
+        bradley_terry_loss(want[:2], want[2:])[0].backward()
+        bradley_terry_loss(got[:2], got[2:])[0].backward()
+        for p_e, p_c in zip(eager.parameters(), compiled.parameters()):
+            assert (p_e.grad - p_c.grad).abs().max().item() <= 1e-5
+            p_e.grad = p_c.grad = None
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"]

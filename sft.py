@@ -222,6 +222,9 @@ def main():
     ddp, rank, local_rank, world_size, dev = compute_init(device)
     master = rank == 0
     ctx = autocast(dev, dtype)  # frozen weights in dtype, LoRA weights in float32, matmuls in dtype on CUDA
+    if compile and isinstance(image_layer, (list, tuple)):
+        raise InputError(f"compile=True with image_layer={image_layer}: every batch's draw of layers would compile "
+                         "anew; expected an int or None (or compile=False)")
 
     if master:
         check_writable_dir(out_dir)
@@ -262,9 +265,6 @@ def main():
               f"{batch_size * gradient_accumulation_steps * world_size} examples per step")
 
     if compile:
-        if isinstance(image_layer, (list, tuple)):
-            raise InputError(f"compile=True with image_layer={image_layer}: every batch's draw of layers would compile "
-                             "anew; expected an int or None (or compile=False)")
         strict_compile()
     model = torch.compile(vlm, fullgraph=True, dynamic=False) if compile else vlm
     if ddp:

@@ -11,7 +11,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import tiny
-from model import (VLM, InputError, add_lora, compile_decode, left_pad, lora_modules, strict_compile)
+from model import VLM, InputError, add_lora, compile_decode, left_pad, lora_modules, strict_compile
 from test_model import pixels, prompt_ids
 
 
@@ -132,7 +132,7 @@ def test_lppo_compiled_forward_gives_the_eager_numbers_and_never_recompiles_afte
         want = lppo_iteration(eager, opts[0], ro, response_forward)
         got = lppo_iteration(compiled, opts[1], ro, forward)
         for a, b in zip(want, got):
-            assert (a - b).abs().max().item() <= 1e-5
+            assert (a - b).abs().max().item() <= 2e-5  # 4.8e-6 observed: the padded lengths reorder sums
     # score, reference (adapters off, no values) and training (grad) forwards, each for two response buckets
     assert graphs == 6 and counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"]
@@ -199,3 +199,19 @@ def test_reward_compiled_forward_gives_the_eager_scores_and_never_recompiles_aft
             p_e.grad = p_c.grad = None
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"]
+
+
+def test_strict_compile_makes_the_recompile_limit_an_error_not_a_silent_fall_back_to_eager(strict):
+    strict_compile(recompile_limit=1)
+    f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    f(torch.ones(2))
+    with pytest.raises(Exception, match="recompile_limit|cache_size_limit"):
+        f(torch.ones(3))  # a second shape is a second graph: past the limit of one
+
+
+def test_sft_refuses_compile_with_a_list_of_image_layers(tmp_path, monkeypatch):
+    import sft
+    from test_sft import use_config
+    use_config(monkeypatch, compile=True, image_layer=[1, 2], out_dir=str(tmp_path / "out"))
+    with pytest.raises(InputError, match=r"compile=True with image_layer=\[1, 2\]: .* expected an int or None"):
+        sft.main()

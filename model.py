@@ -833,6 +833,8 @@ def compile_decode(vlm, batch_size, max_len, mode=None):
     on a GPU, inductor's default elsewhere. Call it after add_lora: adapters are part of the compiled step."""
     emb = vlm.language_model.embed_tokens.weight
     vlm.decode_cache = DecodeCache(vlm.config.text, batch_size, max_len, emb.dtype, emb.device)
+    for buf in vlm.decode_cache.buffers():
+        torch._dynamo.mark_static_address(buf)  # CUDA graphs then write the cache in place, never into a copy
     mode = mode or ("reduce-overhead" if emb.device.type == "cuda" else "default")
     vlm.decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
     return vlm

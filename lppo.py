@@ -11,16 +11,19 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, atomic_write_json, autocast,
-                   check_writable_dir, compute_init, encode_batch, entropy_from_logits, first_eos_mask,
-                   generate_responses, generator_for, load_image, load_resume_checkpoint, load_tokenizer,
-                   logprobs_from_logits, lora_disabled, merge_lora, open_images, prompt_room, read_prompt_jsonl,
-                   run_stage, save_lora, save_peft_adapter, seed_for)
+from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, add_lora, atomic_torch_save, atomic_write_json,
+                   autocast, check_writable_dir, compile_decode, compute_init, decoder_states, encode_batch,
+                   entropy_from_logits, first_eos_mask, generate_responses, generator_for, load_image,
+                   load_resume_checkpoint, load_tokenizer, logprobs_from_logits, lora_disabled, merge_lora,
+                   open_images, prompt_room, read_prompt_jsonl, round_up, run_stage, save_lora, save_peft_adapter,
+                   seed_for, strict_compile)
 
 # -----------------------------------------------------------------------------
 # masked statistics
@@ -169,22 +172,46 @@ def response_forward(vlm, ro, temperature, with_values=True):
     return logprobs, entropy, values
 
 
+def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
+    """response_forward after the embedding, on [prompt; response] embeddings x: what `compile` compiles. Every shape
+    in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket and grad mode."""
+    hidden = decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1]
+    logits = vlm.response_logits(hidden)
+    return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
+            vlm.values(hidden) if with_values else None)
+
+
+def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
+    """response_forward for `compile`: the prompt left-padded and the response right-padded to multiples of `bucket`
+    (padding is masked, so every number is unchanged), the image side run eagerly, `heads` (decoder_heads, compiled)
+    on the rest."""
+    T0, n = ro["input_ids"].shape[1], ro["tokens"].shape[1]
+    left, right = round_up(T0, bucket) - T0, round_up(n, bucket) - n
+    pad = vlm.config.pad_token_id
+    tokens = F.pad(ro["tokens"], (0, right), value=pad)
+    ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
+    mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
+    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], ro.get("image_sizes"))
+    logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
+    return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
+
+
 @torch.no_grad()
-def score_rollout(vlm, ro, temperature, micro_batch_size, ctx=None):
+def score_rollout(vlm, ro, temperature, micro_batch_size, ctx=None, forward=response_forward):
     """Old logprobs and values (the policy) and reference logprobs (adapters off), micro-batched, float32."""
     old_logprobs, old_values, ref_logprobs = [], [], []
     for i in range(0, ro["tokens"].shape[0], micro_batch_size):
         mb = {k: v[i:i + micro_batch_size] for k, v in ro.items()}
         with ctx or nullcontext():
-            lp, _, v = response_forward(vlm, mb, temperature)
+            lp, _, v = forward(vlm, mb, temperature)
             with lora_disabled(vlm):  # the reference policy π_SFT: the same weights, adapters switched off
-                ref, _, _ = response_forward(vlm, mb, temperature, with_values=False)
+                ref, _, _ = forward(vlm, mb, temperature, with_values=False)
         old_logprobs.append(lp.float()), old_values.append(v.float()), ref_logprobs.append(ref.float())
     return torch.cat(old_logprobs), torch.cat(old_values), torch.cat(ref_logprobs)
 
 
 def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_size, clip_eps, clip_eps_v, vf_coef,
-               grad_clip, temperature, generator, ctx=None):
+               grad_clip, temperature, generator, ctx=None, forward=response_forward):
     """K epochs of clipped PPO over shuffled minibatches of rollout ro (Eq. 7-9); gradients averaged over DDP ranks.
 
     Returns {statistic: [one 0-dim tensor per micro-batch]}. A NaN/inf loss on any rank raises FloatingPointError on
@@ -199,7 +226,7 @@ def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_si
             for m0 in range(start, start + minibatch_size, micro_batch_size):
                 mb = {k: v[perm[m0:m0 + micro_batch_size]] for k, v in ro.items()}
                 with ctx or nullcontext():
-                    logprobs, entropy, values = response_forward(vlm, mb, temperature)
+                    logprobs, entropy, values = forward(vlm, mb, temperature)
                 pg_loss, pg_stats = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                                         clip_eps)
                 vf_loss, vf_clipfrac = clipped_value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
@@ -284,7 +311,7 @@ checkpoint_interval = 4
 # system
 device = DEVICE                             # "cuda" when there is a GPU
 dtype = DTYPE                               # "bfloat16" where supported, else "float32"
-compile = False
+compile = False                             # compiled decode step and training forward (see model.py: torch.compile)
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
@@ -356,8 +383,11 @@ def main():
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, eps=1e-5,
                                   fused=dev.startswith("cuda"))
     kl_ctl = KLController(kl_coef, kl_target or None, kl_horizon)
-    if compile:
-        vlm.language_model.compile(dynamic=True)
+    forward = response_forward
+    if compile:  # the decode step over a static KV cache, and the scoring/training forward on bucketed lengths
+        strict_compile()
+        compile_decode(vlm, batch_size, max_prompt_len + max(max_new_tokens, eval_max_new_tokens))
+        forward = partial(bucketed_response_forward, heads=torch.compile(decoder_heads, fullgraph=True, dynamic=False))
     print0(f"policy: {init_from} | trainable {sum(p.numel() for p in params) / 1e6:.2f}M (LoRA r={lora_r} on "
            f"{lora_targets} + value head) | image layers {image_layers} | {world_size} rank(s) on {dev}, {dtype}")
 
@@ -430,7 +460,8 @@ def main():
         shaped = (scores - score_stats[0]) / score_stats[1] if score_norm else scores
         t2 = time.time()
         # 4. old logprobs and values (π_old, Eq. 5), reference logprobs (π_SFT: the adapters off), all at layer l
-        ro["old_logprobs"], ro["old_values"], ref_logprobs = score_rollout(vlm, ro, temperature, micro_batch_size, ctx)
+        ro["old_logprobs"], ro["old_values"], ref_logprobs = score_rollout(vlm, ro, temperature, micro_batch_size, ctx,
+                                                                           forward)
         # 5. per-token reward -η·KL_t, with r(x, y) added at the last response token (Eq. 6)
         rewards, kl = compute_rewards(shaped, ro["old_logprobs"], ref_logprobs, ro["mask"], kl_ctl.value, kl_estimator)
         if whiten_rewards:
@@ -443,7 +474,7 @@ def main():
             stats = ppo_update(vlm, optimizer, ro, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
                                micro_batch_size=micro_batch_size, clip_eps=clip_eps, clip_eps_v=clip_eps_v,
                                vf_coef=vf_coef, grad_clip=grad_clip, temperature=temperature,
-                               generator=generator_for("minibatches", seed, iter_num), ctx=ctx)
+                               generator=generator_for("minibatches", seed, iter_num), ctx=ctx, forward=forward)
         except FloatingPointError as e:
             bar.close()
             raise InputError(f"iteration {iter_num + 1}: {e}; stopped, {ckpt_path} holds the last good state") from None

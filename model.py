@@ -679,6 +679,7 @@ class VLM(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.value_head = None
         self.lora_config = None
+        self.decode_step = None  # compile_decode sets it: generate then runs the compiled step (generate_static)
 
     def add_value_head(self):
         """A scalar value per token for PPO's critic, read off the decoder's final hidden state."""
@@ -721,7 +722,9 @@ class VLM(nn.Module):
         """Token embeddings with the image-token positions replaced by projected layer-`image_layer` features."""
         x = self.language_model.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
-        n = int(is_image.sum())
+        # the count is data: torch.compile would break its graph here, so the compiled training forward (sft.py) skips
+        # the check; its batches are built with exactly image_seq_length image tokens per image (fit_prompt)
+        n = None if torch.compiler.is_compiling() else int(is_image.sum())
         if pixel_values is None:
             if n:
                 raise InputError(f"input_ids hold {n} image tokens but no pixel_values were given")
@@ -729,12 +732,12 @@ class VLM(nn.Module):
         feats = self.multi_modal_projector(self.vision_features(pixel_values, image_layer, image_sizes))
         if self.config.image_grid_pinpoints is not None:
             feats = pack_anyres(self.config, feats, image_sizes, self.image_newline)
-            if n != feats.shape[0]:
+            if n is not None and n != feats.shape[0]:
                 raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} for images of sizes "
                                  f"{torch.as_tensor(image_sizes).tolist()} (expand <image> to image_token_count "
                                  "tokens per image, see encode_batch)")
             return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
-        if n != feats.shape[0] * feats.shape[1]:
+        if n is not None and n != feats.shape[0] * feats.shape[1]:
             raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} images x {feats.shape[1]} "
                              "(expand <image> to config.image_seq_length tokens per image, see encode_batch)")
         return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
@@ -764,9 +767,14 @@ class VLM(nn.Module):
                 logits_at=None, image_sizes=None):
         """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
         With `logits_at`, a (B, T) bool mask, only the logits at those positions, (N, V): training needs them only
-        where a label follows, and the vocabulary head over every image and prompt position is costly."""
+        where a label follows, and the vocabulary head over every image and prompt position is costly. Under
+        torch.compile pass flat indices into the B*T positions instead (a long tensor): N is then a fixed shape."""
         hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask, image_sizes)
-        logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])
+        if logits_at is None:
+            logits = self.lm_head(hidden)
+        else:
+            at = hidden[logits_at] if logits_at.dtype == torch.bool else hidden.flatten(0, 1)[logits_at]
+            logits = self.lm_head(at)
         return (logits, hidden) if return_hidden else logits
 
     @torch.no_grad()
@@ -780,7 +788,11 @@ class VLM(nn.Module):
         log-probabilities of the chosen tokens under softmax(response_logits / temperature), the same quantity
         a training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
         and scores under softmax(logits). logprobs is None unless return_logprobs.
+        After compile_decode(self, ...), the same tokens come from the compiled decode step (generate_static).
         """
+        if self.decode_step is not None:
+            return generate_static(self, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens,
+                                   temperature, top_p, eos_token_id, return_logprobs, generator, image_sizes)
         B, T0 = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
@@ -908,6 +920,125 @@ def entropy_from_logits(logits, temperature=1.0):
     logp = F.log_softmax(logits, dim=-1)
     p = logp.exp()
     return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+# -----------------------------------------------------------------------------
+# torch.compile: a compiled decode step (gpt-fast's decode_one_token) and what keeps compiled code compiled once.
+# Dynamo guards on every shape, Python value and module flag a compiled function reads; a guard that fails recompiles,
+# and past torch._dynamo.config.recompile_limit it silently runs eager. So the KV cache has one fixed size, the
+# per-token mask is computed from tensors instead of built in Python, and the training forwards pad their lengths to
+# multiples of LENGTH_BUCKET (lppo.py, sft.py, reward.py with --compile).
+#
+# On a GPU:  compile_decode(vlm, batch_size, max_len), then vlm.generate(...) as always. The decode step runs as CUDA
+# graphs (mode="reduce-overhead"); the first call compiles (about a minute), later calls replay. On a CPU it compiles
+# to C++ with inductor, which is how the tests check it gives the eager tokens.
+
+LENGTH_BUCKET = 64
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def strict_compile(recompile_limit=32):
+    """Make a recompile storm fail loudly instead of falling back to eager without a word."""
+    torch._dynamo.config.recompile_limit = recompile_limit
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+class DecodeCache(KVCache):
+    """The KVCache of compile_decode, allocated once at a fixed (batch, max_len): the compiled step always sees the
+    same shapes, and under CUDA graphs the same addresses. `valid` (batch, max_len) is False on left padding."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        super().__init__(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
+        self.register_buffer("valid", torch.ones(batch, max_len, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("k_pos", torch.arange(max_len, device=device), persistent=False)
+
+
+def decode_one_token(vlm, tok, pos, cache_pos):
+    """Float32 next-token logits (B, V) after one token per row, tok (B,) at rotary positions pos (B, 1), written to
+    cache slot cache_pos (1,). The mask is computed from tensors (a row sees its valid keys up to cache_pos): every
+    step of every generate call has the same shapes and Python values, so this compiles once."""
+    cache, lm = vlm.decode_cache, vlm.language_model
+    mask = (cache.valid & (cache.k_pos <= cache_pos))[:, None, None]
+    h = lm(lm.embed_tokens(tok[:, None]), pos, mask, cache, cache_pos)
+    return vlm.response_logits(h[:, -1]).float()
+
+
+def compile_decode(vlm, batch_size, max_len, mode=None):
+    """Make vlm.generate run a compiled decode step over a static KV cache of batch_size rows x max_len positions
+    (prompt + new tokens); any smaller batch and shorter prompt reuse it. mode None: "reduce-overhead" (CUDA graphs)
+    on a GPU, inductor's default elsewhere. Call it after add_lora: adapters are part of the compiled step."""
+    if isinstance(vlm.config, MllamaConfig):
+        raise InputError("compile_decode: the compiled decode step is for llava and llava_next checkpoints; an mllama "
+                         "model generates eagerly (compile=False)")
+    window = vlm.config.text.sliding_window
+    if window is not None and max_len > window:
+        raise InputError(f"compile_decode: max_len={max_len} is longer than the sliding window of {window}; the "
+                         "compiled step has no window, expected max_len <= sliding_window")
+    emb = vlm.language_model.embed_tokens.weight
+    vlm.decode_cache = DecodeCache(vlm.config.text, batch_size, max_len, emb.dtype, emb.device)
+    for buf in vlm.decode_cache.buffers():
+        torch._dynamo.mark_static_address(buf)  # CUDA graphs then write the cache in place, never into a copy
+    mode = mode or ("reduce-overhead" if emb.device.type == "cuda" else "default")
+    vlm.decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    return vlm
+
+
+@torch.no_grad()
+def generate_static(vlm, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, temperature, top_p,
+                    eos_token_id, return_logprobs, generator, image_sizes=None, check_every=8):
+    """VLM.generate on the compiled step: the same sampling, in the same order, so the same tokens and logprobs.
+
+    The prompt is prefilled in one eager call; then each token is one call of vlm.decode_step, with no host sync:
+    whether every row has ended is asked only every `check_every` tokens, and the extra tokens are cut at the end."""
+    cache, cfg = vlm.decode_cache, vlm.config
+    (B, T0), (Bc, S) = input_ids.shape, cache.valid.shape
+    if B > Bc or T0 + max_new_tokens > S:
+        raise InputError(f"generate: {B} prompts of {T0} tokens + max_new_tokens={max_new_tokens} do not fit the "
+                         f"compiled KV cache of {Bc} rows x {S} positions; expected a larger compile_decode(vlm, "
+                         "batch_size, max_len)")
+    dev = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
+    # rows B..Bc are filler that keeps the shapes fixed: all-valid zero embeddings, never read
+    x = F.pad(vlm.embed(input_ids, pixel_values, image_layer, image_sizes), (0, 0, 0, 0, 0, Bc - B))
+    cache.valid.fill_(True)
+    cache.valid[:, :T0] = F.pad(attention_mask, (0, 0, 0, Bc - B), value=1).bool()
+    pos = (cache.valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)
+    prompt_pos = cache.k_pos[:T0]
+    hidden = vlm.language_model(x, pos, build_mask(cache.valid, prompt_pos, cache.k_pos), cache, prompt_pos)
+    logits = vlm.response_logits(hidden[:B, -1]).float()
+    pos, cache_pos = pos[:, -1:], cache.k_pos[T0 - 1:T0].clone()
+    tokens, logprobs, all_done = [], [], []
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        tok, lp = sample_token(logits, temperature, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, cfg.pad_token_id), tok)
+        tokens.append(tok)
+        logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+        done = done | torch.isin(tok, eos)
+        all_done.append(done.all())
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(all_done[-1])):
+            break
+        pos, cache_pos = pos + 1, cache_pos + 1
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: CUDA graphs may reuse them
+        logits = vlm.decode_step(vlm, F.pad(tok, (0, Bc - B), value=cfg.pad_token_id), pos, cache_pos)[:B]
+    # the eager loop stops at the first step after which every row has ended; all_done is False, then True
+    n = len(tokens) - max(int(torch.stack(all_done).sum()) - 1, 0)
+    tokens = torch.stack(tokens[:n], 1)
+    return tokens, (torch.stack(logprobs[:n], 1) if return_logprobs else None)
+
+
+def decoder_states(vlm, x, attention_mask):
+    """VLM.hidden_states after the embedding: the decoder on embeddings x (B, T, D). A compiled training forward
+    calls this on vlm.embed's output, so that the image side, with its checks and per-row layers, stays eager."""
+    T = x.shape[1]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    idx = torch.arange(T, device=x.device)
+    window = vlm.config.text.sliding_window
+    return vlm.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx, window))
 
 # -----------------------------------------------------------------------------
 # Checkpoint files: key layouts, safetensors shards, atomic writes

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, GPT2_CONV1D_WEIGHTS, VLM, GPT2Model, InputError, LlamaModel, LoRALinear, VLMConfig,
-                   add_lora, atomic_folder, atomic_save_safetensors, autocast, build_mask, check_writable_dir,
-                   compute_init, config_from_hf, config_to_hf, get_lr, gpt2_config_from_hf, gpt2_config_to_hf,
-                   load_tokenizer, load_weights, read_json, read_jsonl, resolve_checkpoint, rope_inv_freq, run_stage)
+from model import (DEVICE, DTYPE, GPT2_CONV1D_WEIGHTS, LENGTH_BUCKET, VLM, GPT2Model, InputError, LlamaModel,
+                   LoRALinear, VLMConfig, add_lora, atomic_folder, atomic_save_safetensors, autocast, build_mask,
+                   check_writable_dir, compute_init, config_from_hf, config_to_hf, get_lr, gpt2_config_from_hf,
+                   gpt2_config_to_hf, load_tokenizer, load_weights, read_json, read_jsonl, resolve_checkpoint,
+                   rope_inv_freq, round_up, run_stage, strict_compile)
 
 # -----------------------------------------------------------------------------
 # Bradley-Terry loss
@@ -168,9 +169,10 @@ def llama_config_from_hf(d, where):
     return config_from_hf({"model_type": "llava", "text_config": {**d, "model_type": "llama"}}, where).text
 
 
-def right_pad(seqs, pad_id, device="cpu"):
-    """Stack ragged id lists into (B, T) input_ids and attention_mask, padding on the right."""
-    T = max(len(s) for s in seqs)
+def right_pad(seqs, pad_id, device="cpu", multiple=1):
+    """Stack ragged id lists into (B, T) input_ids and attention_mask, padding on the right; T is the longest list
+    rounded up to a multiple of `multiple` (compile pads to buckets, so that shapes repeat)."""
+    T = round_up(max(len(s) for s in seqs), multiple)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -412,7 +414,7 @@ log_interval = 5
 # system
 device = DEVICE                             # "cuda" when there is a GPU
 dtype = DTYPE                               # "bfloat16" where supported, else "float32"
-compile = False
+compile = False                             # torch.compile the training forward on bucketed lengths
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
@@ -457,7 +459,9 @@ def main():
            f"{max_iters * global_batch / len(train):.1f} epochs")
 
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    model = torch.compile(rm) if compile else rm
+    if compile:
+        strict_compile()
+    model = torch.compile(rm, fullgraph=True, dynamic=False) if compile else rm
     if ddp:
         model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
     pad_id = 0 if rm.pad_token_id is None else rm.pad_token_id
@@ -515,7 +519,8 @@ def main():
         for micro in range(gradient_accumulation_steps):
             start = (micro * world_size + rank) * batch_size
             mine = batch[start:start + batch_size]
-            ids, mask = right_pad([train[i][0] for i in mine] + [train[i][1] for i in mine], pad_id, dev)
+            ids, mask = right_pad([train[i][0] for i in mine] + [train[i][1] for i in mine], pad_id, dev,
+                                  LENGTH_BUCKET if compile else 1)
             if ddp:  # average gradients across ranks only on the last micro step
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             with ctx:

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, autocast, check_writable_dir,
-                   compute_init, copy_tokenizer_files, encode_prompt, fit_prompt, generator_for, get_lr, load_image,
-                   load_resume_checkpoint, load_tokenizer, merge_lora, preprocess_image, read_jsonl,
-                   resolve_checkpoint, run_stage, save_lora, seed_for)
+from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, add_lora, atomic_torch_save, autocast,
+                   check_writable_dir, compute_init, copy_tokenizer_files, encode_prompt, fit_prompt, generator_for,
+                   get_lr, load_image, load_resume_checkpoint, load_tokenizer, merge_lora, preprocess_image,
+                   read_jsonl, resolve_checkpoint, round_up, run_stage, save_lora, seed_for, strict_compile)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 
@@ -95,9 +95,10 @@ def tokenize_examples(rows, tok, cfg, max_len):
     return examples
 
 
-def collate(examples, pad_id):
-    """Right-pad examples into (B, T) input_ids, labels (-100 on padding) and attention_mask."""
-    T = max(len(e["input_ids"]) for e in examples)
+def collate(examples, pad_id, multiple=1):
+    """Right-pad examples into (B, T) input_ids, labels (-100 on padding) and attention_mask; T is the longest
+    example rounded up to a multiple of `multiple` (compile pads to buckets, so that shapes repeat)."""
+    T = round_up(max(len(e["input_ids"]) for e in examples), multiple)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
@@ -127,6 +128,23 @@ def sft_loss(logits, labels, n_target):
     if logits.dim() == 3:
         logits = logits[at]
     return F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="sum") / n_target
+
+
+def target_index(labels, multiple):
+    """(K,) flat indices of target_positions(labels) and (K,) the label that follows each, both padded to a multiple
+    of `multiple` (index 0, label IGNORE_INDEX): the fixed-shape logits_at and targets of a compiled forward."""
+    at = target_positions(labels).flatten().nonzero()[:, 0]
+    pad = round_up(max(len(at), 1), multiple) - len(at)
+    following = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()[at]
+    return F.pad(at, (0, pad)), F.pad(following, (0, pad), value=IGNORE_INDEX)
+
+
+def bucketed_sft_loss(net, input_ids, pixel_values, layers, mask, labels, n_target, bucket=LENGTH_BUCKET):
+    """sft_loss of net(...) with `compile`: the logits at a bucketed number of flat positions, not at a bool mask,
+    whose data-dependent row count would break the graph. labels (on the CPU: no device sync) pick the positions."""
+    at, targets = target_index(labels, bucket)
+    logits = net(input_ids, pixel_values, layers, mask, logits_at=at.to(input_ids.device))
+    return F.cross_entropy(logits.float(), targets.to(input_ids.device), reduction="sum") / n_target
 
 
 # -----------------------------------------------------------------------------
@@ -185,7 +203,7 @@ merged_dir = ""  # where merge_at_end writes it; "": out_dir/merged
 seed = 1337
 device = DEVICE                             # "cuda" when there is a GPU
 dtype = DTYPE                               # "bfloat16" where supported, else "float32"
-compile = False
+compile = False  # torch.compile the training forward, lengths padded to buckets (see model.py: torch.compile)
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
 # what the configurator checks before any work is done
@@ -204,6 +222,9 @@ def main():
     ddp, rank, local_rank, world_size, dev = compute_init(device)
     master = rank == 0
     ctx = autocast(dev, dtype)  # frozen weights in dtype, LoRA weights in float32, matmuls in dtype on CUDA
+    if compile and isinstance(image_layer, (list, tuple)):
+        raise InputError(f"compile=True with image_layer={image_layer}: every batch's draw of layers would compile "
+                         "anew; expected an int or None (or compile=False)")
 
     if master:
         check_writable_dir(out_dir)
@@ -243,14 +264,19 @@ def main():
               f"(LoRA{' and the projector' if train_projector else ''}), "
               f"{batch_size * gradient_accumulation_steps * world_size} examples per step")
 
-    model = torch.compile(vlm) if compile else vlm
+    if compile:
+        strict_compile()
+    model = torch.compile(vlm, fullgraph=True, dynamic=False) if compile else vlm
     if ddp:
         model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 
     def forward_loss(net, examples, layers, n_target):
-        input_ids, labels, mask = collate(examples, cfg.pad_token_id)
+        input_ids, labels, mask = collate(examples, cfg.pad_token_id, LENGTH_BUCKET if compile else 1)
         pixels = torch.stack([preprocess_image(load_image(e["image"]), cfg.vision.image_size) for e in examples])
         with ctx:
+            if compile:
+                loss = bucketed_sft_loss(net, input_ids.to(dev), pixels.to(dev), layers, mask.to(dev), labels, n_target)
+                return loss, int(mask.sum())
             labels = labels.to(dev)
             logits = net(input_ids.to(dev), pixels.to(dev), layers, mask.to(dev), logits_at=target_positions(labels))
             return sft_loss(logits, labels, n_target), int(mask.sum())

@@ -17,6 +17,11 @@ Gaussian fits come from one, every layer (the default too) is scored on the othe
 OOD are then the noise floor, what a layer from the default layer's distribution gets; statistics.json and the
 table report it.
 
+Llama 3.2 Vision (mllama) feeds its decoder through cross-attention: a layer's features are what its projector reads
+with the local ViT stopped at that layer (model.MllamaVisionModel), one vision pass per layer, and the tokens of an
+image's padding tiles are left out. They are tiles x 1601 x 7680 values per image and layer for the 11B model: keep
+`limit` small.
+
     python extract.py --init_from=checkpoints/llava-1.5-7b-hf --image_dir=data/cp/images --out_dir=out/extract
 """
 
@@ -30,6 +35,7 @@ import torch
 from model import (DEVICE, DTYPE, IMAGE_SUFFIXES, VLM, InputError, atomic_save_safetensors, atomic_write,
                    atomic_write_json, check_writable_dir, line_plot, load_image, markdown_table, preprocess_image,
                    run_stage, write_csv)
+from model import MllamaVLM, encode_images
 
 # -----------------------------------------------------------------------------
 # Statistics on (N, D) feature sets, in float64
@@ -126,6 +132,20 @@ COLUMNS = {"cos_default": "cos vs default", "norm_default": "norm / default", "c
            "fd_default": "FD vs default", "cos_text": "cos vs text", "norm_text": "norm / text",
            "fd_text": "FD vs text", "ood": "Mahalanobis OOD"}
 
+
+@torch.no_grad()
+def mllama_layer_features(vlm, images, layers):
+    """({layer: (B, tiles * tokens, vision_output_dim)}, valid (B, tiles * tokens) bool) for Llama 3.2 Vision: what
+    its projector reads with the local ViT stopped at each layer (MllamaVisionModel), one vision pass per layer, as
+    an early exit changes everything after it; valid is False on the padding tiles of images with fewer tiles."""
+    ids = torch.full((len(images), 1), vlm.config.image_token_id)  # one image token per row: its cross mask is unused
+    inputs = encode_images(vlm, images, ids)
+    dev = vlm.lm_head.weight.device
+    pixels, ar_ids, ar_mask = (inputs[k].to(dev) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"))
+    feats = {l: vlm.vision_features(pixels, l, ar_ids, ar_mask).flatten(1, 3) for l in layers}
+    valid = ar_mask[:, 0, :, None].expand(-1, -1, vlm.config.vision.num_patches).flatten(1).bool()
+    return feats, valid.cpu()
+
 # -----------------------------------------------------------------------------
 # default config values; config/*.py and --key=value override them (configurator.py)
 
@@ -166,19 +186,28 @@ def main():
     vlm = VLM.from_pretrained(init_from, device=device, dtype=dtypes[dtype])
     L = vlm.config.vision.num_hidden_layers
     default_layer = vlm.image_layer_index(None)
-    drop_cls = vlm.config.vision_feature_select_strategy == "default"
+    mllama = isinstance(vlm, MllamaVLM)
+    drop_cls = not mllama and vlm.config.vision_feature_select_strategy == "default"
 
-    # one pass through CLIP per batch keeps every layer's hidden state
-    per_layer = {l: [] for l in range(L + 1)}
+    # one pass through CLIP per batch keeps every layer's hidden state; Llama 3.2 Vision's features are its vision
+    # model's output with the local ViT stopped at each layer, and valid marks the tokens of real (not padding) tiles
+    per_layer, valid = {l: [] for l in range(L + 1)}, []
     for i in range(0, len(images), batch_size):
-        pixels = torch.stack([preprocess_image(load_image(p), vlm.config.vision.image_size)
-                              for p in images[i:i + batch_size]]).to(device, dtypes[dtype])
-        for l, h in vlm.vision_tower(pixels, set(range(L + 1))).items():
+        chunk = [load_image(p) for p in images[i:i + batch_size]]
+        if mllama:
+            features, chunk_valid = mllama_layer_features(vlm, chunk, range(L + 1))
+            valid.append(chunk_valid)
+        else:
+            pixels = torch.stack([preprocess_image(im, vlm.config.vision.image_size) for im in chunk])
+            features = vlm.vision_tower(pixels.to(device, dtypes[dtype]), set(range(L + 1)))
+        for l, h in features.items():
             per_layer[l].append((h[:, 1:] if drop_cls else h).to("cpu", dtypes[save_dtype]))
         print(f"features: {min(i + batch_size, len(images))}/{len(images)} images")
     per_layer = {l: torch.cat(hs) for l, hs in per_layer.items()}
+    valid = torch.cat(valid) if mllama else torch.ones(per_layer[0].shape[:2], dtype=torch.bool)
     meta = {"images": json.dumps(images), "default_layer": str(default_layer), "model": init_from}
-    atomic_save_safetensors({f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
+    atomic_save_safetensors({**{f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
+                             **({"valid_tokens": valid.to(torch.uint8)} if mllama else {})},
                             os.path.join(out_dir, "features.safetensors"), metadata=meta)
 
     # The default layer's references are fitted on half of the images and every layer, the default included, is
@@ -192,6 +221,7 @@ def main():
     def tokens(image_idx):
         """Up to max_tokens random image tokens of these images, as rows of a layer's flattened (images * tokens)."""
         flat = (torch.tensor(image_idx)[:, None] * n_per_image + torch.arange(n_per_image)).flatten()
+        flat = flat[valid.flatten()[flat]]  # a padding tile is no part of the image
         return flat[torch.randperm(len(flat), generator=g)[:max_tokens]]
 
     def project(layer, rows):

@@ -21,6 +21,7 @@ from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, 
                    generate_responses, generator_for, load_image, load_resume_checkpoint, load_tokenizer,
                    logprobs_from_logits, lora_disabled, merge_lora, open_images, prompt_room, read_prompt_jsonl,
                    run_stage, save_lora, save_peft_adapter, seed_for)
+from model import extend_per_token, image_extras  # the image inputs beyond pixel_values (mllama's)
 
 # -----------------------------------------------------------------------------
 # masked statistics
@@ -150,8 +151,9 @@ def clipped_value_loss(values, old_values, returns, mask, clip_eps_v):
 
 # -----------------------------------------------------------------------------
 # the pieces of one iteration that touch the model. A rollout is one dict of (B, ...) tensors: the prompt batch
-# (input_ids, attention_mask, pixel_values), the image layer of each row (layers), the response (tokens, mask), and
-# what PPO adds to it (old_logprobs, old_values, advantages, returns).
+# (input_ids, attention_mask, pixel_values and the family's image extras, see model.image_extras), the image layer of
+# each row (layers), the response (tokens, mask), and what PPO adds to it (old_logprobs, old_values, advantages,
+# returns).
 
 
 def response_forward(vlm, ro, temperature, with_values=True):
@@ -161,7 +163,8 @@ def response_forward(vlm, ro, temperature, with_values=True):
     T0 = ro["input_ids"].shape[1]
     ids = torch.cat([ro["input_ids"], ro["tokens"]], 1)
     mask = torch.cat([ro["attention_mask"], ro["mask"]], 1)
-    hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask)[:, T0 - 1:-1]
+    extras = extend_per_token(vlm, image_extras(vlm, ro), ro["tokens"].shape[1])  # the response sees the image too
+    hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask, **extras)[:, T0 - 1:-1]
     logits = vlm.response_logits(hidden)
     logprobs = logprobs_from_logits(logits, ro["tokens"], temperature)
     entropy = entropy_from_logits(logits.detach(), temperature)
@@ -413,7 +416,8 @@ def main():
         with torch.no_grad(), ctx:
             tokens, _ = vlm.generate(ro["input_ids"], ro["attention_mask"], ro["pixel_values"], ro["layers"],
                                      max_new_tokens, temperature, eos_token_id=eos_id,
-                                     generator=generator_for("rollout", seed, rank, iter_num, device=dev))
+                                     generator=generator_for("rollout", seed, rank, iter_num, device=dev),
+                                     **image_extras(vlm, ro))
         ro["mask"], has_eos = first_eos_mask(tokens, eos_id)
         ro["tokens"] = tokens.masked_fill(ro["mask"] == 0, pad_id)
         t1 = time.time()

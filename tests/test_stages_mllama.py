@@ -5,7 +5,6 @@ forward reproduces. The image layer indexes the local ViT's hidden states h_0..h
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,9 +201,7 @@ def rollout(vlm, tok, world, layers, temperature=0.7):
 
 def test_the_response_sees_what_the_prompts_last_token_saw():
     cam = torch.tensor([[[[0, 0]], [[1, 0]], [[1, 1]]]])  # (B=1, T=3, images=1, tiles=2)
-    class Fake:
-        per_token_inputs = ("cross_attention_mask",)
-    extended = extend_per_token(Fake, {"cross_attention_mask": cam, "aspect_ratio_ids": torch.tensor([[4]])}, 2)
+    extended = extend_per_token(MllamaVLM, {"cross_attention_mask": cam, "aspect_ratio_ids": torch.tensor([[4]])}, 2)
     assert extended["cross_attention_mask"][0, :, 0].tolist() == [[0, 0], [1, 0], [1, 1], [1, 1], [1, 1]]
     assert extended["aspect_ratio_ids"].tolist() == [[4]]  # not per token: unchanged
 

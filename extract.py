@@ -17,6 +17,11 @@ Gaussian fits come from one, every layer (the default too) is scored on the othe
 OOD are then the noise floor, what a layer from the default layer's distribution gets; statistics.json and the
 table report it.
 
+Llama 3.2 Vision (mllama) feeds its decoder through cross-attention: a layer's features are what its projector reads
+with the local ViT stopped at that layer (model.MllamaVisionModel), one vision pass per layer, and the tokens of an
+image's padding tiles are left out. They are tiles x 1601 x 7680 values per image and layer for the 11B model: keep
+`limit` small.
+
     python extract.py --init_from=checkpoints/llava-1.5-7b-hf --image_dir=data/cp/images --out_dir=out/extract
 
 A LLaVA-NeXT checkpoint runs CLIP on every anyres crop of an image; the statistics use the crop tokens the LM reads
@@ -33,6 +38,7 @@ import torch
 from model import (DEVICE, DTYPE, IMAGE_SUFFIXES, VLM, InputError, atomic_save_safetensors, atomic_write,
                    atomic_write_json, check_writable_dir, line_plot, load_image, markdown_table, pack_anyres,
                    preprocess_anyres, preprocess_image, run_stage, write_csv)
+from model import MllamaVLM, encode_images
 
 # -----------------------------------------------------------------------------
 # Statistics on (N, D) feature sets, in float64
@@ -141,6 +147,20 @@ COLUMNS = {"cos_default": "cos vs default", "norm_default": "norm / default", "c
            "fd_default": "FD vs default", "cos_text": "cos vs text", "norm_text": "norm / text",
            "fd_text": "FD vs text", "ood": "Mahalanobis OOD"}
 
+
+@torch.no_grad()
+def mllama_layer_features(vlm, images, layers):
+    """({layer: (B, tiles * tokens, vision_output_dim)}, valid (B, tiles * tokens) bool) for Llama 3.2 Vision: what
+    its projector reads with the local ViT stopped at each layer (MllamaVisionModel), one vision pass per layer, as
+    an early exit changes everything after it; valid is False on the padding tiles of images with fewer tiles."""
+    ids = torch.full((len(images), 1), vlm.config.image_token_id)  # one image token per row: its cross mask is unused
+    inputs = encode_images(vlm, images, ids)
+    dev = vlm.lm_head.weight.device
+    pixels, ar_ids, ar_mask = (inputs[k].to(dev) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"))
+    feats = {l: vlm.vision_features(pixels, l, ar_ids, ar_mask).flatten(1, 3) for l in layers}
+    valid = ar_mask[:, 0, :, None].expand(-1, -1, vlm.config.vision.num_patches).flatten(1).bool()
+    return feats, valid.cpu()
+
 # -----------------------------------------------------------------------------
 # default config values; config/*.py and --key=value override them (configurator.py)
 
@@ -181,23 +201,36 @@ def main():
     vlm = VLM.from_pretrained(init_from, device=device, dtype=dtypes[dtype])
     L = vlm.config.vision.num_hidden_layers
     default_layer = vlm.image_layer_index(None)
-    drop_cls = vlm.config.vision_feature_select_strategy == "default"
-    n_per_crop = (vlm.config.vision.image_size // vlm.config.vision.patch_size) ** 2 + (not drop_cls)
+    mllama = isinstance(vlm, MllamaVLM)
+    drop_cls = not mllama and vlm.config.vision_feature_select_strategy == "default"
+    patches = (vlm.config.vision.image_size // vlm.config.vision.patch_size) ** 2
+    n_per_crop = None if mllama else patches + (not drop_cls)  # mllama's: tiles x tokens, set by the first batch
 
-    # one pass through CLIP per batch keeps every layer's hidden state, of every crop (one per image for LLaVA-1.5)
-    per_layer, crops_per_image, reads = {l: [] for l in range(L + 1)}, [], []
+    # one pass through CLIP per batch keeps every layer's hidden state, of every crop (one per image for LLaVA-1.5);
+    # Llama 3.2 Vision's features are its vision model's output with the local ViT stopped at each layer, one block of
+    # tiles x tokens per image, of which the padding tiles' tokens are not read
+    per_layer, crops_per_image, reads, valid = {l: [] for l in range(L + 1)}, [], [], []
     for i in range(0, len(images), batch_size):
-        batch = [image_crops(vlm.config, load_image(p), n_per_crop) for p in images[i:i + batch_size]]
-        pixels = torch.cat([crops for crops, _ in batch]).to(device, dtypes[dtype])
-        for l, h in vlm.vision_tower(pixels, set(range(L + 1))).items():
+        chunk = [load_image(p) for p in images[i:i + batch_size]]
+        if mllama:
+            features, chunk_valid = mllama_layer_features(vlm, chunk, range(L + 1))
+            n_per_crop = chunk_valid.shape[1]
+            valid.append(chunk_valid)
+            batch = [(None, v.nonzero()[:, 0]) for v in chunk_valid]
+        else:
+            batch = [image_crops(vlm.config, im, n_per_crop) for im in chunk]
+            pixels = torch.cat([crops for crops, _ in batch]).to(device, dtypes[dtype])
+            features = vlm.vision_tower(pixels, set(range(L + 1)))
+        for l, h in features.items():
             per_layer[l].append((h[:, 1:] if drop_cls else h).to("cpu", dtypes[save_dtype]))
-        crops_per_image += [len(crops) for crops, _ in batch]
+        crops_per_image += [1 if crops is None else len(crops) for crops, _ in batch]
         reads += [rows for _, rows in batch]
         print(f"features: {min(i + batch_size, len(images))}/{len(images)} images")
     per_layer = {l: torch.cat(hs) for l, hs in per_layer.items()}
     meta = {"images": json.dumps(images), "default_layer": str(default_layer), "model": init_from,
             "crops_per_image": json.dumps(crops_per_image)}
-    atomic_save_safetensors({f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
+    atomic_save_safetensors({**{f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
+                             **({"valid_tokens": torch.cat(valid).to(torch.uint8)} if mllama else {})},
                             os.path.join(out_dir, "features.safetensors"), metadata=meta)
 
     # The default layer's references are fitted on half of the images and every layer, the default included, is

@@ -24,6 +24,7 @@ from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, add_lora, atom
                    load_resume_checkpoint, load_tokenizer, logprobs_from_logits, lora_disabled, merge_lora,
                    open_images, prompt_room, read_prompt_jsonl, round_up, run_stage, save_lora, save_peft_adapter,
                    seed_for, strict_compile)
+from model import extend_per_token, image_extras  # the image inputs beyond pixel_values (image_sizes, mllama's)
 
 # -----------------------------------------------------------------------------
 # masked statistics
@@ -153,8 +154,9 @@ def clipped_value_loss(values, old_values, returns, mask, clip_eps_v):
 
 # -----------------------------------------------------------------------------
 # the pieces of one iteration that touch the model. A rollout is one dict of (B, ...) tensors: the prompt batch
-# (input_ids, attention_mask, pixel_values; image_sizes for LLaVA-NeXT), the image layer of each row (layers), the
-# response (tokens, mask), and what PPO adds to it (old_logprobs, old_values, advantages, returns).
+# (input_ids, attention_mask, pixel_values and the family's image extras, see model.image_extras), the image layer of
+# each row (layers), the response (tokens, mask), and what PPO adds to it (old_logprobs, old_values, advantages,
+# returns).
 
 
 def response_forward(vlm, ro, temperature, with_values=True):
@@ -164,7 +166,8 @@ def response_forward(vlm, ro, temperature, with_values=True):
     T0 = ro["input_ids"].shape[1]
     ids = torch.cat([ro["input_ids"], ro["tokens"]], 1)
     mask = torch.cat([ro["attention_mask"], ro["mask"]], 1)
-    hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask, ro.get("image_sizes"))[:, T0 - 1:-1]
+    extras = extend_per_token(vlm, image_extras(vlm, ro), ro["tokens"].shape[1])  # the response sees the image too
+    hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask, **extras)[:, T0 - 1:-1]
     logits = vlm.response_logits(hidden)
     logprobs = logprobs_from_logits(logits, ro["tokens"], temperature)
     entropy = entropy_from_logits(logits.detach(), temperature)
@@ -191,7 +194,7 @@ def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=deco
     tokens = F.pad(ro["tokens"], (0, right), value=pad)
     ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
     mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
-    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], ro.get("image_sizes"))
+    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
     logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
     return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
 
@@ -443,8 +446,8 @@ def main():
         with torch.no_grad(), ctx:
             tokens, _ = vlm.generate(ro["input_ids"], ro["attention_mask"], ro["pixel_values"], ro["layers"],
                                      max_new_tokens, temperature, eos_token_id=eos_id,
-                                     image_sizes=ro.get("image_sizes"),
-                                     generator=generator_for("rollout", seed, rank, iter_num, device=dev))
+                                     generator=generator_for("rollout", seed, rank, iter_num, device=dev),
+                                     **image_extras(vlm, ro))
         ro["mask"], has_eos = first_eos_mask(tokens, eos_id)
         ro["tokens"] = tokens.masked_fill(ro["mask"] == 0, pad_id)
         t1 = time.time()

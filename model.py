@@ -681,6 +681,14 @@ class VLM(nn.Module):
         self.lora_config = None
         self.decode_step = None  # compile_decode sets it: generate then runs the compiled step (generate_static)
 
+    # the keyword inputs beyond pixel_values that this family's forward, hidden_states and generate take for its
+    # images, as encode_batch returns them; per_token_inputs among them have a token axis (dim 1) beside input_ids'
+    per_token_inputs = ()
+
+    @property
+    def image_inputs(self):
+        return ("image_sizes",) if self.config.image_grid_pinpoints is not None else ()
+
     def add_value_head(self):
         """A scalar value per token for PPO's critic, read off the decoder's final hidden state."""
         p = self.lm_head.weight
@@ -1467,6 +1475,35 @@ def generate_responses(vlm, tok, rows, layer=None, max_new_tokens=64, temperatur
 
 
 # -----------------------------------------------------------------------------
+# The image inputs of a batch: pixel_values and a family's extras (vlm.image_inputs, e.g. mllama's aspect_ratio_ids,
+# aspect_ratio_mask and cross_attention_mask). Stages pass the extras through by name, unchanged, except that a
+# per-token extra follows the text when tokens are appended to the prompt.
+
+def image_extras(vlm, batch):
+    """{name: tensor} of the family-specific image inputs in `batch` (none for llava), as keyword arguments."""
+    return {k: batch[k] for k in vlm.image_inputs if batch.get(k) is not None}
+
+
+def extend_per_token(vlm, extras, n):
+    """extras with each per-token input (B, T, ...) extended by n positions, copies of its last: tokens appended to a
+    prompt see what the prompt's last token saw, as they did when generate produced them."""
+    return {k: torch.cat([v, v[:, -1:].expand(-1, n, *v.shape[2:])], 1) if k in vlm.per_token_inputs else v
+            for k, v in extras.items()}
+
+
+def encode_images(vlm, images, input_ids):
+    """The image inputs {"pixel_values", **extras} of a batch whose token ids (B, T), one image token per image, are
+    already made (SFT appends responses before padding): what encode_batch gives beside the ids."""
+    cfg = vlm.config
+    if isinstance(cfg, MllamaConfig):
+        return mllama_encode_images(cfg, images, input_ids)
+    if cfg.image_grid_pinpoints is not None:  # its image token count depends on the image: encode_batch does both
+        raise InputError("encode_images: a LLaVA-NeXT image's token count depends on its size; expected the ids of "
+                         "encode_batch, which makes them with the image (sft.py does not train LLaVA-NeXT yet)")
+    return {"pixel_values": torch.stack([preprocess_image(im, cfg.vision.image_size) for im in images])}
+
+
+# -----------------------------------------------------------------------------
 # Stage plumbing: data files, DDP, precision, seeds. Every stage script uses these the same way.
 
 def read_jsonl(path):
@@ -1959,6 +1996,9 @@ class MllamaVLM(VLM):
     images come as tiles with aspect_ratio_ids, aspect_ratio_mask and the cross_attention_mask (mllama_encode_batch).
     image_layer is a layer of the local ViT, with Meta's taps (MllamaVisionModel says exactly what runs)."""
 
+    image_inputs = ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+    per_token_inputs = ("cross_attention_mask",)
+
     def __init__(self, cfg):
         nn.Module.__init__(self)  # not VLM.__init__: there is no CLIP tower here
         self.config = cfg
@@ -2211,14 +2251,20 @@ def mllama_encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", max_
     if images is not None:
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} images for {len(prompts)} prompts; expected one each")
-        v = cfg.vision
-        tiles, ar_ids, n_tiles = zip(*[mllama_preprocess_image(im, v.image_size, v.max_num_tiles) for im in images])
-        ar_mask = (torch.arange(v.max_num_tiles) < torch.tensor(n_tiles)[:, None]).long()
-        batch.update(pixel_values=torch.stack(tiles)[:, None], aspect_ratio_ids=torch.tensor(ar_ids)[:, None],
-                     aspect_ratio_mask=ar_mask[:, None],
-                     cross_attention_mask=mllama_cross_attention_mask(input_ids, cfg.image_token_id,
-                                                                      [[n] for n in n_tiles], v.max_num_tiles))
+        batch.update(mllama_encode_images(cfg, images, input_ids))
     return {k: None if v is None else v.to(device) for k, v in batch.items()}
+
+
+def mllama_encode_images(cfg, images, input_ids):
+    """One image per row of input_ids (B, T) as tiles, with its aspect_ratio_ids, aspect_ratio_mask and the
+    processor's cross_attention_mask for those ids."""
+    v = cfg.vision
+    tiles, ar_ids, n_tiles = zip(*[mllama_preprocess_image(im, v.image_size, v.max_num_tiles) for im in images])
+    ar_mask = (torch.arange(v.max_num_tiles) < torch.tensor(n_tiles)[:, None]).long()
+    return {"pixel_values": torch.stack(tiles)[:, None], "aspect_ratio_ids": torch.tensor(ar_ids)[:, None],
+            "aspect_ratio_mask": ar_mask[:, None],
+            "cross_attention_mask": mllama_cross_attention_mask(input_ids, cfg.image_token_id, [[n] for n in n_tiles],
+                                                                v.max_num_tiles)}
 
 
 # -----------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, add_lora, atomic_torch_save, autocast,
                    check_writable_dir, compute_init, copy_tokenizer_files, encode_prompt, fit_prompt, generator_for,
-                   get_lr, load_image, load_resume_checkpoint, load_tokenizer, merge_lora, preprocess_image,
-                   read_jsonl, resolve_checkpoint, round_up, run_stage, save_lora, seed_for, strict_compile)
+                   get_lr, load_image, load_resume_checkpoint, load_tokenizer, merge_lora, read_jsonl,
+                   resolve_checkpoint, round_up, run_stage, save_lora, seed_for, strict_compile)
+from model import encode_images  # pixel_values and the family's image extras (mllama's) for the collated ids
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 
@@ -272,13 +273,14 @@ def main():
 
     def forward_loss(net, examples, layers, n_target):
         input_ids, labels, mask = collate(examples, cfg.pad_token_id, LENGTH_BUCKET if compile else 1)
-        pixels = torch.stack([preprocess_image(load_image(e["image"]), cfg.vision.image_size) for e in examples])
+        images = encode_images(vlm, [load_image(e["image"]) for e in examples], input_ids)
+        pixels, extras = images.pop("pixel_values").to(dev), {k: v.to(dev) for k, v in images.items()}
         with ctx:
             if compile:
-                loss = bucketed_sft_loss(net, input_ids.to(dev), pixels.to(dev), layers, mask.to(dev), labels, n_target)
+                loss = bucketed_sft_loss(net, input_ids.to(dev), pixels, layers, mask.to(dev), labels, n_target)
                 return loss, int(mask.sum())
             labels = labels.to(dev)
-            logits = net(input_ids.to(dev), pixels.to(dev), layers, mask.to(dev), logits_at=target_positions(labels))
+            logits = net(input_ids.to(dev), pixels, layers, mask.to(dev), logits_at=target_positions(labels), **extras)
             return sft_loss(logits, labels, n_target), int(mask.sum())
 
     @torch.no_grad()

@@ -66,3 +66,26 @@ def test_export_then_assemble_rebuilds_the_folder_with_its_config(tmp_path, monk
     os.remove(tmp_path / "pieces" / "t.safetensors")
     with pytest.raises(InputError, match="--from_scratch"):
         pieces.assemble("t.safetensors")
+
+
+def test_the_world_assembles_the_shipped_pieces_and_trains_only_from_scratch(tmp_path, monkeypatch):
+    from data.smol import build_preferences, build_sft, prepare, pretrain_vision, vqa, world
+    calls = []
+    monkeypatch.setattr(world, "root", str(tmp_path))
+    monkeypatch.setattr(prepare, "prepare", lambda: calls.append("base"))
+    monkeypatch.setattr(vqa, "write_split", lambda *a: calls.append("vqa"))
+    monkeypatch.setattr(pieces, "assemble", lambda name: calls.append(f"assemble {name}"))
+    monkeypatch.setattr(pretrain_vision, "main", lambda: calls.append("tower"))
+    monkeypatch.setattr(world, "run_with_config", lambda stage, config: calls.append(config))
+    monkeypatch.setattr(build_sft, "build_smol_sft", lambda: calls.append("safety data"))
+    monkeypatch.setattr(build_preferences, "build_preferences", lambda: calls.append("preferences"))
+    os.makedirs(tmp_path / pieces.pieces_dir)
+    for name in pieces.PIECES:
+        (tmp_path / pieces.pieces_dir / name).write_bytes(b"")
+    world.build()
+    assert calls[-2:] == ["assemble smol-llava.safetensors", "assemble smol-rm.safetensors"]
+    assert not {"tower", "smol_vision", "smol_sft", "smol_rm"} & set(calls)
+    calls.clear()
+    world.build(from_scratch=True)
+    assert {"tower", "smol_vision", "smol_sft", "smol_rm"} <= set(calls)
+    assert not any(c.startswith("assemble") for c in calls)

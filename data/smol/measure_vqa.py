@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository roo
 
 from evaluate import vqa_accuracy  # noqa: E402
 from model import VLM, generate_responses, load_tokenizer, read_prompt_jsonl, run_stage  # noqa: E402
-import vqa  # noqa: E402
+from data.smol import vqa  # noqa: E402
 
 model = "data/smol/smol-llava-vision"
 data = os.path.join(here, "vqa", "vqa_test.jsonl")

@@ -21,7 +21,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root, for model.py
 
 from model import VLM, copy_tokenizer_files, preprocess_image, seed_for  # noqa: E402
-import vqa  # noqa: E402
+from data.smol import vqa  # noqa: E402
 
 base_dir = os.path.join(here, "smol-llava-base")
 out_dir = os.path.join(here, "smol-llava-vision-tower")

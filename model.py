@@ -170,6 +170,56 @@ def config_to_hf(cfg):
 
 
 # -----------------------------------------------------------------------------
+# Linear layers whose CPU matmuls run on oneDNN. PyTorch's CPU builds send a float32 nn.Linear to MKL's sgemm,
+# which on AMD CPUs runs at about half the speed of oneDNN's (also bundled with PyTorch) for the shapes of a
+# training step or a batched decode step (bench.py prints both). The results agree to float32 rounding.
+
+ONEDNN = torch.backends.mkldnn.is_available()  # bench.py switches it off to time the MKL path
+
+
+def use_onednn(x):
+    """Whether `linear` takes the oneDNN path for input x: float32 on a CPU whose PyTorch has oneDNN, outside
+    torch.compile (which picks its own kernels), and more than one row (for a single row MKL is as fast)."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > x.shape[-1]
+            and not torch.compiler.is_compiling())
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b through oneDNN, with the backward pass through oneDNN too; x is kept for backward only when
+    W is trained (a frozen base weight under LoRA needs only W for the input's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # dL/dx = g W, a linear layer with weight W^T
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:  # dL/dW = g^T x, with its shorter side as rows: for LoRA's thin A and B that
+            g, x = grad.flatten(0, -2), x.flatten(0, -2)  # is several times faster
+            grad_w = g.t() @ x if g.shape[1] <= x.shape[1] else (x.t() @ g).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.flatten(0, -2).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x, weight, bias=None):
+    """F.linear, on oneDNN where use_onednn says so."""
+    return OneDNNLinear.apply(x, weight, bias) if use_onednn(x) else F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) that runs `linear`."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+# -----------------------------------------------------------------------------
 # CLIP ViT vision tower, with early exit at any layer
 
 class CLIPEmbeddings(nn.Module):
@@ -189,10 +239,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.num_attention_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.q_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -208,8 +258,8 @@ def quick_gelu(x):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
 
     def forward(self, x):
@@ -260,8 +310,8 @@ class Projector(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         bias = cfg.multimodal_projector_bias
-        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=bias)
-        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
+        self.linear_1 = Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=bias)
+        self.linear_2 = Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
 
     def forward(self, x):
         return self.linear_2(F.gelu(self.linear_1(x)))
@@ -330,10 +380,10 @@ class LlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
+        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
+        self.o_proj = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
         B, T, _ = x.shape
@@ -352,9 +402,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         b = cfg.mlp_bias
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -427,7 +477,7 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + (self.dropout(x) @ a.t() @ b.t()) * self.scale
+        return y + linear(linear(self.dropout(x), a) * self.scale, b)  # scaled at rank r: the thinnest point
 
     def merged_weight(self):
         return self.base.weight + (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype)
@@ -552,7 +602,7 @@ class VLM(nn.Module):
         self.vision_tower = CLIPVisionTower(cfg.vision)
         self.multi_modal_projector = Projector(cfg)
         self.language_model = LlamaModel(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.value_head = None
@@ -1357,8 +1407,8 @@ class GPT2Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x, mask):
         B, T, C = x.shape
@@ -1370,8 +1420,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
-        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+        self.c_fc = Linear(cfg.n_embd, cfg.n_inner)
+        self.c_proj = Linear(cfg.n_inner, cfg.n_embd)
         # gelu_new is the tanh approximation of GELU; plain "gelu" is the exact (erf) one
         self.approximate = "none" if cfg.activation_function == "gelu" else "tanh"
 

@@ -522,3 +522,48 @@ def test_check_writable_dir_refuses_a_file_and_an_unwritable_folder(tmp_path, mo
     monkeypatch.setattr(model.tempfile, "mkstemp", read_only)
     with pytest.raises(InputError, match=r"is not writable \(Read-only file system\)"):
         model.check_writable_dir(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# The oneDNN path of every linear layer on the CPU (model.linear)
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_onednn_linear_equals_f_linear_in_values_and_every_gradient(contiguous):
+    import model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 20, generator=g) if contiguous else torch.randn(3, 20, 7, generator=g).transpose(1, 2)
+    w, b = torch.randn(11, 20, generator=g), torch.randn(11, generator=g)
+    grad = torch.randn(3, 7, 11, generator=g)
+    results = []
+    for fn in (model.linear, torch.nn.functional.linear):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        y.backward(grad)
+        results.append([y] + [t.grad for t in leaves])
+    assert model.use_onednn(x) and y.grad_fn.name() != results[0][0].grad_fn.name()  # the two paths differ
+    for ours, ref in zip(*results):
+        assert maxdiff(ours, ref) <= TOL
+
+
+def test_a_lora_training_step_on_onednn_equals_the_one_on_f_linear(ckpt, monkeypatch):
+    import model
+    path, _ = ckpt
+    ids, pv = torch.tensor(prompt_ids((4, 4))), pixels(2)
+    at = torch.zeros(ids.shape, dtype=torch.bool)
+    at[:, -3:] = True
+    runs = []
+    for onednn in (True, False):
+        monkeypatch.setattr(model, "ONEDNN", onednn)
+        torch.manual_seed(0)
+        vlm = add_lora(VLM.from_pretrained(path), targets=("q_proj", "o_proj", "up_proj"), r=4, alpha=8)
+        with torch.no_grad():
+            for name, p in vlm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        logits = vlm(ids, pixel_values=pv, logits_at=at)
+        logits.logsumexp(-1).sum().backward()
+        runs.append([logits] + [p.grad for p in vlm.parameters() if p.requires_grad])
+    assert len(runs[0]) == 1 + 3 * 2 * 2  # logits, then A and B of three adapters in each of two layers
+    for ours, ref in zip(*runs):
+        assert maxdiff(ours, ref) <= TOL

@@ -175,13 +175,29 @@ def config_to_hf(cfg):
 # training step or a batched decode step (bench.py prints both). The results agree to float32 rounding.
 
 ONEDNN = torch.backends.mkldnn.is_available()  # bench.py switches it off to time the MKL path
+PACKED = {}  # id(weight) -> that weight in oneDNN's own layout, while packed_weights() holds it
 
 
 def use_onednn(x):
     """Whether `linear` takes the oneDNN path for input x: float32 on a CPU whose PyTorch has oneDNN, outside
-    torch.compile (which picks its own kernels), and more than one row (for a single row MKL is as fast)."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > x.shape[-1]
-            and not torch.compiler.is_compiling())
+    torch.compile (which picks its own kernels)."""
+    return ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
+@contextmanager
+def packed_weights(modules, rows):
+    """While inside, `linear` multiplies by copies of the Linear weights of `modules` that oneDNN has reordered once,
+    for inputs of about `rows` rows, instead of reordering them at every call. A decode step of a few rows is bound by
+    reading the weights, and at 8 rows it runs ~1.5x faster this way (at 1 row there is no gain, so nothing is packed).
+    Costs a second copy of those weights while inside; no-grad only."""
+    weights = [m.weight for module in modules for m in module.modules() if isinstance(m, Linear)]
+    weights = [w for w in weights if rows > 1 and use_onednn(w)]
+    PACKED.update({id(w): torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows) for w in weights})
+    try:
+        yield
+    finally:
+        for w in weights:
+            PACKED.pop(id(w), None)
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -208,8 +224,12 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
-    """F.linear, on oneDNN where use_onednn says so."""
-    return OneDNNLinear.apply(x, weight, bias) if use_onednn(x) else F.linear(x, weight, bias)
+    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy if packed_weights holds one."""
+    if not use_onednn(x):
+        return F.linear(x, weight, bias)
+    if id(weight) in PACKED and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, PACKED[id(weight)], bias, "none", [], "")
+    return OneDNNLinear.apply(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -714,20 +734,22 @@ class VLM(nn.Module):
         pos = pos[:, -1:]
         tokens, logprobs = [], []
         done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for t in range(max_new_tokens):
-            tok, lp = sample_token(logits, temperature, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
-            tokens.append(tok)
-            logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-            done = done | torch.isin(tok, eos)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            cur = k_pos[T0 + t:T0 + t + 1]
-            key_valid[:, T0 + t] = True
-            pos = pos + 1
-            h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
-                                    build_mask(key_valid, cur, k_pos), cache, cur)
-            logits = self.response_logits(h[:, -1]).float()
+        # each decode step reads every weight for a few rows: on oneDNN, weights packed once (see packed_weights)
+        with packed_weights([self.language_model, self.lm_head], B):
+            for t in range(max_new_tokens):
+                tok, lp = sample_token(logits, temperature, top_p, generator)
+                tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
+                tokens.append(tok)
+                logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+                done = done | torch.isin(tok, eos)
+                if bool(done.all()) or t == max_new_tokens - 1:
+                    break
+                cur = k_pos[T0 + t:T0 + t + 1]
+                key_valid[:, T0 + t] = True
+                pos = pos + 1
+                h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
+                                        build_mask(key_valid, cur, k_pos), cache, cur)
+                logits = self.response_logits(h[:, -1]).float()
         tokens = torch.stack(tokens, 1)
         return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
 

@@ -567,3 +567,22 @@ def test_a_lora_training_step_on_onednn_equals_the_one_on_f_linear(ckpt, monkeyp
     assert len(runs[0]) == 1 + 3 * 2 * 2  # logits, then A and B of three adapters in each of two layers
     for ours, ref in zip(*runs):
         assert maxdiff(ours, ref) <= TOL
+
+
+def test_generation_on_packed_onednn_weights_equals_generation_on_f_linear(ckpt, monkeypatch):
+    import model
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    ids, pv = torch.tensor(prompt_ids((4, 4, 4))), pixels(3)
+    packed_calls = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w, rows: packed_calls.append(rows) or reorder(w, rows))
+    runs = []
+    for onednn in (True, False):
+        monkeypatch.setattr(model, "ONEDNN", onednn)
+        runs.append(vlm.generate(ids, pixel_values=pv, max_new_tokens=6, temperature=1.0, return_logprobs=True,
+                                 generator=torch.Generator().manual_seed(0)))
+    n_linear = 7 * vlm.config.text.num_hidden_layers + 1  # q, k, v, o, gate, up, down in each layer, and the head
+    assert packed_calls == [3] * n_linear and model.PACKED == {}  # packed for the decode steps, dropped after
+    assert torch.equal(runs[0][0], runs[1][0]) and maxdiff(runs[0][1], runs[1][1]) <= TOL

@@ -109,32 +109,31 @@ def best_of(fns):
 # -----------------------------------------------------------------------------
 # The roofline of a decode step: it must read every weight of the decoder and the head once, and the keys and values
 # of every position so far; it does 2 FLOPs per weight per row, plus attention. Whichever takes longer at the
-# machine's measured copy bandwidth and matmul speed bounds the tokens per second.
+# machine's measured read bandwidth and matmul speed bounds the tokens per second.
 
 def machine_speed():
-    """(bytes/s of a large tensor copy, read + written; FLOP/s of a large matmul in `dtype`) on `device`."""
-    n = 2 ** 28 if device == "cuda" else 2 ** 26
-    src = torch.ones(n, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
+    """(bytes/s that a sum over a large tensor reads; FLOP/s of a large matmul in `dtype`, through model.linear)."""
+    big = torch.ones(2 ** 28 if device == "cuda" else 2 ** 26, device=device)
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    speed = best_of({"copy": lambda: dst.copy_(src), "matmul": lambda: linear(a, a)})
-    return 2 * 4 * n / speed["copy"][1], 2 * 2048 ** 3 / speed["matmul"][1]
+    speed = best_of({"read": lambda: big.sum(), "matmul": lambda: linear(a, a)})
+    return big.numel() * 4 / speed["read"][1], 2 * 2048 ** 3 / speed["matmul"][1]
 
 
 def report_roofline(vlm, batch, context, tok_per_s, bandwidth, flops):
     """Print the bound of a decode step at `batch` rows over `context` cached positions, next to the measured speed."""
-    lm, text = vlm.language_model, vlm.config.text
-    weights = [p for n, p in lm.named_parameters() if not n.startswith("embed_tokens")] + [vlm.lm_head.weight]
+    text = vlm.config.text
+    weights = [p for n, p in vlm.language_model.named_parameters() if not n.startswith("embed_tokens")]
+    weights.append(vlm.lm_head.weight)
     w_bytes = sum(p.numel() * p.element_size() for p in weights)
-    elt = weights[0].element_size()
-    kv_bytes = 2 * text.num_hidden_layers * batch * text.num_key_value_heads * text.head_dim * context * elt
+    kv_bytes = 2 * text.num_hidden_layers * batch * text.num_key_value_heads * text.head_dim * context * \
+        weights[0].element_size()
     step_flops = 2 * batch * sum(p.numel() for p in weights) + \
         4 * text.num_hidden_layers * batch * text.num_attention_heads * text.head_dim * context
-    step_s = max((w_bytes + kv_bytes) / bandwidth, step_flops / flops)
+    memory_s, compute_s = (w_bytes + kv_bytes) / bandwidth, step_flops / flops
     report(what="decode_roofline", batch=batch, context=context, weight_bytes=w_bytes, kv_bytes=kv_bytes,
-           flops=step_flops, copy_gb_per_s=bandwidth / 1e9, matmul_gflop_per_s=flops / 1e9,
-           bound="memory" if (w_bytes + kv_bytes) / bandwidth > step_flops / flops else "compute",
-           bound_tok_per_s=batch / step_s, ours_tok_per_s=tok_per_s, ours_frac_of_bound=tok_per_s * step_s / batch)
+           flops=step_flops, read_gb_per_s=bandwidth / 1e9, matmul_gflop_per_s=flops / 1e9,
+           bound="memory" if memory_s > compute_s else "compute", bound_tok_per_s=batch / max(memory_s, compute_s),
+           ours_tok_per_s=tok_per_s, ours_frac_of_bound=tok_per_s * max(memory_s, compute_s) / batch)
 
 
 # -----------------------------------------------------------------------------
@@ -167,8 +166,8 @@ def training_steps(vlm, hf, ids, labels, mask, pixels):
         opts[name].zero_grad(set_to_none=True)
         return loss.item()
 
-    return {"ours": lambda: step("ours", lambda: sft_loss(vlm(ids, pixels, None, mask, logits_at=target_positions(labels)),
-                                                          labels, n_target)),
+    ours_logits = lambda: vlm(ids, pixels, None, mask, logits_at=target_positions(labels))
+    return {"ours": lambda: step("ours", lambda: sft_loss(ours_logits(), labels, n_target)),
             "peft": lambda: step("peft", lambda: hf(input_ids=ids, pixel_values=pixels, attention_mask=mask,
                                                     labels=labels).loss)}
 
@@ -210,7 +209,8 @@ def smol_bench():
     r = best_of(training_steps(vlm, hf, ids, labels, mask, pixels))
     n_tok = ids.numel()
     report(what="smol_lora_step", batch=batch_size, seq_len=ids.shape[1], labelled=64, lora_r=16, targets=targets,
-           ours_tok_per_s=n_tok / r["ours"][1], peft_tok_per_s=n_tok / r["peft"][1], speedup=r["peft"][1] / r["ours"][1],
+           ours_tok_per_s=n_tok / r["ours"][1], peft_tok_per_s=n_tok / r["peft"][1],
+           speedup=r["peft"][1] / r["ours"][1],
            ours_first_loss=r["ours"][0], peft_first_loss=r["peft"][0])
 
     # 3. sft.py's step with config/smol_sft.py's LoRA, on rows of the safety data's lengths (86-146 tokens, 2-66
@@ -293,13 +293,14 @@ with torch.no_grad():
     for layer in (image_layer, -2):
         ours = vlm(ids[:2], pixel_values=pixels[:2], image_layer=layer).float()
         ref = hf(input_ids=ids[:2], pixel_values=pixels[:2], vision_feature_layer=layer).logits.float()
-        report(what=f"logits_{str(dtype).removeprefix('torch.')}", image_layer=layer, max_abs_diff=(ours - ref).abs().max().item(),
+        report(what=f"logits_{str(dtype).removeprefix('torch.')}", image_layer=layer,
+               max_abs_diff=(ours - ref).abs().max().item(),
                logit_scale=ref.abs().max().item(), argmax_agree=(ours.argmax(-1) == ref.argmax(-1)).float().mean().item())
 
 if parity_only:
     raise SystemExit
 # 1b. greedy generation, no early stop: ours (static KV cache) vs transformers' generate, with its default dynamic
-# cache and with its static one (which transformers compiles on the first call of a shape, so it warms up at full length)
+# cache and with its static one (which transformers compiles on the first call of a shape: it warms up at full length)
 hf_greedy = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, vision_feature_layer=image_layer,
                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                  pad_token_id=32001)

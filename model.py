@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -174,7 +175,8 @@ def config_to_hf(cfg):
 # which on AMD CPUs runs at about half the speed of oneDNN's (also bundled with PyTorch) for the shapes of a
 # training step or a batched decode step (bench.py prints both). The results agree to float32 rounding.
 
-ONEDNN = torch.backends.mkldnn.is_available()  # bench.py switches it off to time the MKL path
+# measured on x86-64 only (elsewhere PyTorch's own BLAS choice stands); bench.py switches it off to time MKL
+ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 PACKED = {}  # id(weight) -> that weight in oneDNN's own layout, while packed_weights() holds it
 
 

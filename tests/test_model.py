@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import model
 import tiny
 from model import (VLM, InputError, add_lora, encode_batch, load_image, load_lora, load_tokenizer, lora_disabled,
                    merge_lora, preprocess_image, save_lora)
@@ -527,10 +528,12 @@ def test_check_writable_dir_refuses_a_file_and_an_unwritable_folder(tmp_path, mo
 # -----------------------------------------------------------------------------
 # The oneDNN path of every linear layer on the CPU (model.linear)
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+needs_onednn = pytest.mark.skipif(not model.ONEDNN, reason="model.linear uses oneDNN on x86-64 PyTorch with oneDNN only")
+
+
+@needs_onednn
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_onednn_linear_equals_f_linear_in_values_and_every_gradient(contiguous):
-    import model
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 20, generator=g) if contiguous else torch.randn(3, 20, 7, generator=g).transpose(1, 2)
     w, b = torch.randn(11, 20, generator=g), torch.randn(11, generator=g)
@@ -546,8 +549,8 @@ def test_onednn_linear_equals_f_linear_in_values_and_every_gradient(contiguous):
         assert maxdiff(ours, ref) <= TOL
 
 
+@needs_onednn
 def test_a_lora_training_step_on_onednn_equals_the_one_on_f_linear(ckpt, monkeypatch):
-    import model
     path, _ = ckpt
     ids, pv = torch.tensor(prompt_ids((4, 4))), pixels(2)
     at = torch.zeros(ids.shape, dtype=torch.bool)
@@ -569,8 +572,8 @@ def test_a_lora_training_step_on_onednn_equals_the_one_on_f_linear(ckpt, monkeyp
         assert maxdiff(ours, ref) <= TOL
 
 
+@needs_onednn
 def test_generation_on_packed_onednn_weights_equals_generation_on_f_linear(ckpt, monkeypatch):
-    import model
     path, _ = ckpt
     vlm = VLM.from_pretrained(path)
     ids, pv = torch.tensor(prompt_ids((4, 4, 4))), pixels(3)

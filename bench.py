@@ -1,43 +1,86 @@
 """
-Benchmarks on a GPU with random weights of the real shapes (nothing is downloaded):
+Benchmarks: our model.py against transformers (and peft), on the machine at hand, one JSON line per measurement.
+Every line names the machine (CPU model, cores, threads, GPU) and the versions of torch, transformers and peft.
 
+On a CPU (shape "smol"): the smol world's base model, data/smol/smol-llava-base (SmolLM2-135M + a small CLIP):
+1. greedy decoding, ours (static KV cache) vs transformers' generate, at batch 1 and at batch_size, and the
+   roofline of a decode step (bytes of weights and KV cache read, FLOPs, against the measured bandwidth and matmul
+   speed);
+2. one LoRA training step (r=16 on q/k/v/o, AdamW, loss on the last 64 tokens), ours vs transformers + peft;
+3. one step of sft.py's safety stage (config/smol_sft.py's LoRA, sft.py's loss, right-padded rows of the safety
+   data's lengths): ours, ours on MKL matmuls (model.ONEDNN off: the path before oneDNN), and transformers + peft.
+Timings are the best of `repeats` runs, ours and theirs alternating, so that both sides of a ratio see the same
+machine load; run with OMP_NUM_THREADS=1 on a shared machine.
+
+On a GPU (shape "7b"), random weights of the real shapes (nothing is downloaded):
 1. model.py vs transformers' LlavaForConditionalGeneration on the same LLaVA-1.5-7B-shaped weights, bf16:
-   logits at ICET-5 and at the default layer, and greedy generation speed (ours vs transformers' generate).
-2. One L-PPO iteration with the settings of config/llava15_l5.py: 7B policy + GPT-2-large-shaped reward
-   model, its time split (rollout / scoring / reference+values / update) and peak memory.
+   logits at ICET-5 and at the default layer, greedy generation speed (ours vs transformers' generate, with its
+   dynamic and its static cache), and the HBM roofline of a decode step.
+2. One L-PPO iteration with the settings of config/llava15_l5.py (batch_size overrides its batch size): 7B policy +
+   GPT-2-large-shaped reward model, its time split (rollout / scoring / reference+values / update) and peak memory.
+shape "tiny": the GPU benchmark's code on tiny shapes, a smoke test of this script on any machine.
 
-Run: python bench.py [--batch_size=16 --max_new_tokens=128 ...]   (prints one JSON line per measurement)
+Run: python bench.py [--batch_size=64 --max_new_tokens=128 --shape=tiny ...]
 """
 import json
 import os
+import platform
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+import model
 from lppo import (compute_gae, compute_rewards, masked_whiten, ppo_update, score_rollout)
-from model import (VLM, VLMConfig, CLIPConfig, LlamaConfig, GPT2Config, add_lora, config_to_hf, from_hf_key,
-                   rope_inv_freq)
+from model import (VLM, VLMConfig, CLIPConfig, LlamaConfig, GPT2Config, InputError, add_lora, config_to_hf,
+                   from_hf_key, linear, rope_inv_freq)
 from reward import RewardModel
 
-batch_size = 16
-max_new_tokens = 128
-prompt_text_tokens = 40         # text tokens around the 576 image tokens
+batch_size = 0                  # 0: config/llava15_l5.py's 16 for "7b" and "tiny", 8 for "smol"; else this many rows
+max_new_tokens = 0              # 0: 128 for "7b" and "tiny", 64 for "smol"
+prompt_text_tokens = 40         # text tokens around the image tokens
 image_layer = 5
 seed = 0
-shape = "7b"                    # "7b": LLaVA-1.5-7B + GPT-2-large; "tiny": a smoke test of this script on any machine
+shape = ""                      # "7b": LLaVA-1.5-7B + GPT-2-large; "smol": smol_path vs transformers and peft;
+                                # "tiny": a smoke test of the "7b" code on any machine; "": "7b" on a GPU, else "smol"
+smol_path = "data/smol/smol-llava-base"
+repeats = 3                     # each timing is the best of this many runs
 precision = "bfloat16"          # of the weights on the GPU; float32 makes the logits comparison exact up to kernels
 parity_only = False             # stop after the logits comparison
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
+shape = shape or ("7b" if device == "cuda" else "smol")
+batch_size = batch_size or (8 if shape == "smol" else 16)
+max_new_tokens = max_new_tokens or (64 if shape == "smol" else 128)
 dtype = getattr(torch, precision) if device == "cuda" else torch.float32
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = precision != "float32"  # TF32 would blur a float32 comparison
-gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def package_version(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def cpu_name():
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+MACHINE = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
+           "transformers": package_version("transformers"), "peft": package_version("peft")}
 
 
 def report(**kw):
-    print(json.dumps({"gpu": gpu, **kw}), flush=True)
+    print(json.dumps({**kw, **MACHINE}), flush=True)
 
 
 def sync():
@@ -51,6 +94,161 @@ def timed(fn):
     out = fn()
     sync()
     return out, time.perf_counter() - t
+
+
+def best_of(fns):
+    """{name: (first output, best seconds)} of each function run `repeats` times, the functions taking turns."""
+    out = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            o, t = timed(fn)
+            out[name] = (out.get(name, (o,))[0], min(t, out.get(name, (None, t))[1]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The roofline of a decode step: it must read every weight of the decoder and the head once, and the keys and values
+# of every position so far; it does 2 FLOPs per weight per row, plus attention. Whichever takes longer at the
+# machine's measured read bandwidth and matmul speed bounds the tokens per second.
+
+def machine_speed():
+    """(bytes/s that a sum over a large tensor reads; FLOP/s of a large matmul in `dtype`, through model.linear)."""
+    big = torch.ones(2 ** 28 if device == "cuda" else 2 ** 26, device=device)
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    speed = best_of({"read": lambda: big.sum(), "matmul": lambda: linear(a, a)})
+    return big.numel() * 4 / speed["read"][1], 2 * 2048 ** 3 / speed["matmul"][1]
+
+
+def report_roofline(vlm, batch, context, tok_per_s, bandwidth, flops):
+    """Print the bound of a decode step at `batch` rows over `context` cached positions, next to the measured speed."""
+    text = vlm.config.text
+    weights = [p for n, p in vlm.language_model.named_parameters() if not n.startswith("embed_tokens")]
+    weights.append(vlm.lm_head.weight)
+    w_bytes = sum(p.numel() * p.element_size() for p in weights)
+    kv_bytes = 2 * text.num_hidden_layers * batch * text.num_key_value_heads * text.head_dim * context * \
+        weights[0].element_size()
+    step_flops = 2 * batch * sum(p.numel() for p in weights) + \
+        4 * text.num_hidden_layers * batch * text.num_attention_heads * text.head_dim * context
+    memory_s, compute_s = (w_bytes + kv_bytes) / bandwidth, step_flops / flops
+    report(what="decode_roofline", batch=batch, context=context, weight_bytes=w_bytes, kv_bytes=kv_bytes,
+           flops=step_flops, read_gb_per_s=bandwidth / 1e9, matmul_gflop_per_s=flops / 1e9,
+           bound="memory" if memory_s > compute_s else "compute", bound_tok_per_s=batch / max(memory_s, compute_s),
+           ours_tok_per_s=tok_per_s, ours_frac_of_bound=tok_per_s * max(memory_s, compute_s) / batch)
+
+
+# -----------------------------------------------------------------------------
+# smol on a CPU: ours vs transformers' generate, a LoRA step vs peft's, and sft.py's step
+
+def smol_batch(cfg, B, T, n_label, g):
+    """B rows of T random tokens with cfg.image_seq_length image tokens after the first five, the last n_label
+    labelled, and B random images."""
+    ids = torch.randint(3, cfg.image_token_id, (B, T), generator=g)
+    ids[:, 0] = 1
+    ids[:, 5:5 + cfg.image_seq_length] = cfg.image_token_id
+    labels = torch.full_like(ids, -100)
+    labels[:, T - n_label:] = ids[:, T - n_label:]
+    pixels = torch.randn(B, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return ids, labels, torch.ones_like(ids), pixels
+
+
+def training_steps(vlm, hf, ids, labels, mask, pixels):
+    """{"ours": step, "peft": step}: forward, backward and AdamW step on the same batch. Ours computes the vocabulary
+    head only where a label follows (sft.py's loss); transformers computes it everywhere (its labels= loss)."""
+    from sft import sft_loss, target_positions
+    n_target = int((labels[:, 1:] != -100).sum())
+    opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+            for name, m in (("ours", vlm), ("peft", hf))}
+
+    def step(name, loss_fn):
+        loss = loss_fn()
+        loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return loss.item()
+
+    ours_logits = lambda: vlm(ids, pixels, None, mask, logits_at=target_positions(labels))
+    return {"ours": lambda: step("ours", lambda: sft_loss(ours_logits(), labels, n_target)),
+            "peft": lambda: step("peft", lambda: hf(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                                                    labels=labels).loss)}
+
+
+def smol_bench():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+    from sft import collate
+    if not os.path.isfile(os.path.join(smol_path, "config.json")):
+        raise InputError(f"{smol_path}: no smol checkpoint folder; data/smol/world.py builds it (or pass --smol_path)")
+    vlm = VLM.from_pretrained(smol_path)
+    hf = LlavaForConditionalGeneration.from_pretrained(smol_path, dtype=torch.float32).eval()
+    cfg = vlm.config
+    g = torch.Generator().manual_seed(seed)
+    bandwidth, flops = machine_speed()
+
+    # 1. greedy decoding, every row the same prompt length, no early stop
+    for B in sorted({1, batch_size}):
+        ids, _, mask, pixels = smol_batch(cfg, B, 1 + prompt_text_tokens + cfg.image_seq_length, 0, g)
+        with torch.no_grad():
+            r = best_of({
+                "ours": lambda: vlm.generate(ids, mask, pixels, max_new_tokens=max_new_tokens)[0],
+                "transformers": lambda: hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                                    max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                                    do_sample=False, eos_token_id=None,
+                                                    pad_token_id=cfg.pad_token_id)[:, ids.shape[1]:]})
+        (ours_tok, t_ours), (ref_tok, t_hf) = r["ours"], r["transformers"]
+        report(what="smol_generate", batch=B, prompt_len=ids.shape[1], new_tokens=max_new_tokens,
+               ours_tok_per_s=B * max_new_tokens / t_ours, transformers_tok_per_s=B * max_new_tokens / t_hf,
+               speedup=t_hf / t_ours, same_tokens_frac=(ours_tok == ref_tok).float().mean().item())
+        report_roofline(vlm, B, ids.shape[1] + max_new_tokens // 2, B * max_new_tokens / t_ours, bandwidth, flops)
+
+    # 2. one LoRA training step, r=16 on the attention projections, ours vs peft
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    ids, labels, mask, pixels = smol_batch(cfg, batch_size, 124 + 64, 64, g)
+    add_lora(vlm.train(), targets, r=16, alpha=32)
+    peft_target = rf".*language_model.*\.({'|'.join(targets)})"  # as save_peft_adapter writes it
+    hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=peft_target)).train()
+    r = best_of(training_steps(vlm, hf, ids, labels, mask, pixels))
+    n_tok = ids.numel()
+    report(what="smol_lora_step", batch=batch_size, seq_len=ids.shape[1], labelled=64, lora_r=16, targets=targets,
+           ours_tok_per_s=n_tok / r["ours"][1], peft_tok_per_s=n_tok / r["peft"][1],
+           speedup=r["peft"][1] / r["ours"][1],
+           ours_first_loss=r["ours"][0], peft_first_loss=r["peft"][0])
+
+    # 3. sft.py's step with config/smol_sft.py's LoRA, on rows of the safety data's lengths (86-146 tokens, 2-66
+    # labelled), right-padded by sft.collate
+    settings = {}
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "smol_sft.py")).read(), {}, settings)
+    B = settings["batch_size"]
+    lengths = torch.randint(86, 147, (B,), generator=g).tolist()
+    examples = []
+    for n in lengths:
+        row_ids, row_labels, _, _ = smol_batch(cfg, 1, n, int(torch.randint(2, 67, (), generator=g)), g)
+        examples.append({"input_ids": row_ids[0].tolist(), "labels": row_labels[0].tolist()})
+    ids, labels, mask = collate(examples, cfg.pad_token_id)
+    pixels = torch.randn(B, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    vlm = VLM.from_pretrained(smol_path).train()
+    add_lora(vlm, settings["lora_targets"], settings["lora_r"], settings["lora_alpha"])
+    hf = hf.unload()
+    peft_target = rf".*language_model.*\.({'|'.join(settings['lora_targets'])})"
+    hf = get_peft_model(hf, LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
+                                       target_modules=peft_target)).train()
+    steps = training_steps(vlm, hf, ids, labels, mask, pixels)
+
+    def ours_mkl():
+        model.ONEDNN = False
+        try:
+            return steps["ours"]()
+        finally:
+            model.ONEDNN = True
+
+    r = best_of({"ours": steps["ours"], "ours_mkl": ours_mkl, "peft": steps["peft"]})
+    report(what="smol_sft_step", config="config/smol_sft.py", batch=B, seq_len=ids.shape[1],
+           labelled=int((labels != -100).sum()), ours_s=r["ours"][1], ours_mkl_s=r["ours_mkl"][1], peft_s=r["peft"][1],
+           speedup_vs_mkl=r["ours_mkl"][1] / r["ours"][1], speedup_vs_peft=r["peft"][1] / r["ours"][1])
+
+
+if shape == "smol":
+    smol_bench()
+    raise SystemExit
 
 
 # -----------------------------------------------------------------------------
@@ -95,29 +293,37 @@ with torch.no_grad():
     for layer in (image_layer, -2):
         ours = vlm(ids[:2], pixel_values=pixels[:2], image_layer=layer).float()
         ref = hf(input_ids=ids[:2], pixel_values=pixels[:2], vision_feature_layer=layer).logits.float()
-        report(what=f"logits_{precision}", image_layer=layer, max_abs_diff=(ours - ref).abs().max().item(),
+        report(what=f"logits_{str(dtype).removeprefix('torch.')}", image_layer=layer,
+               max_abs_diff=(ours - ref).abs().max().item(),
                logit_scale=ref.abs().max().item(), argmax_agree=(ours.argmax(-1) == ref.argmax(-1)).float().mean().item())
 
 if parity_only:
     raise SystemExit
-# 1b. greedy generation, no early stop: ours (static KV cache) vs transformers' generate
+# 1b. greedy generation, no early stop: ours (static KV cache) vs transformers' generate, with its default dynamic
+# cache and with its static one (which transformers compiles on the first call of a shape: it warms up at full length)
+hf_greedy = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, vision_feature_layer=image_layer,
+                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                 pad_token_id=32001)
 with torch.no_grad():
     vlm.generate(ids, mask, pixel_values=pixels, image_layer=image_layer, max_new_tokens=4)  # warm-up
     (ours_tok, _), t_ours = timed(lambda: vlm.generate(ids, mask, pixel_values=pixels, image_layer=image_layer,
                                                        max_new_tokens=max_new_tokens))
-    hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, vision_feature_layer=image_layer,
-                max_new_tokens=4, do_sample=False)
-    ref_tok, t_hf = timed(lambda: hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                                              vision_feature_layer=image_layer, max_new_tokens=max_new_tokens,
-                                              min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                                              pad_token_id=32001))
-ref_tok = ref_tok[:, ids.shape[1]:]
+    hf.generate(**{**hf_greedy, "max_new_tokens": 4, "min_new_tokens": 4})
+    ref_tok, t_hf = timed(lambda: hf.generate(**hf_greedy))
+    hf.generate(**hf_greedy, cache_implementation="static")
+    static_tok, t_static = timed(lambda: hf.generate(**hf_greedy, cache_implementation="static"))
+ref_tok, static_tok = ref_tok[:, ids.shape[1]:], static_tok[:, ids.shape[1]:]
 n = min(ours_tok.shape[1], ref_tok.shape[1])
 report(what="generate", batch=batch_size, prompt_len=ids.shape[1], new_tokens=max_new_tokens,
        ours_s=t_ours, ours_tok_per_s=batch_size * max_new_tokens / t_ours,
        transformers_s=t_hf, transformers_tok_per_s=batch_size * max_new_tokens / t_hf,
-       same_tokens_frac=(ours_tok[:, :n] == ref_tok[:, :n]).float().mean().item())
-del hf, ref_tok
+       transformers_static_s=t_static, transformers_static_tok_per_s=batch_size * max_new_tokens / t_static,
+       speedup=t_hf / t_ours, speedup_vs_static=t_static / t_ours,
+       same_tokens_frac=(ours_tok[:, :n] == ref_tok[:, :n]).float().mean().item(),
+       same_tokens_frac_static=(ours_tok[:, :n] == static_tok[:, :n]).float().mean().item())
+report_roofline(vlm, batch_size, ids.shape[1] + max_new_tokens // 2, batch_size * max_new_tokens / t_ours,
+                *machine_speed())
+del hf, ref_tok, static_tok
 if device == "cuda":
     torch.cuda.empty_cache()
 
@@ -125,7 +331,7 @@ if device == "cuda":
 # 2. one L-PPO iteration with config/llava15_l5.py's settings
 settings = {}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "llava15_l5.py")).read(), {}, settings)
-B, mb, micro = min(settings["batch_size"], batch_size), settings["minibatch_size"], settings["micro_batch_size"]
+B, mb, micro = batch_size, settings["minibatch_size"], settings["micro_batch_size"]  # batch_size, not the config's
 mb, micro = min(mb, B), min(micro, B)
 gpt2_large = GPT2Config(n_embd=1280, n_layer=36, n_head=20) if shape == "7b" else GPT2Config(n_embd=64, n_layer=2, n_head=4)
 with torch.device(device):

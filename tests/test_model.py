@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import model
 import tiny
 from model import (VLM, InputError, add_lora, encode_batch, load_image, load_lora, load_tokenizer, lora_disabled,
                    merge_lora, preprocess_image, save_lora)
@@ -522,3 +523,69 @@ def test_check_writable_dir_refuses_a_file_and_an_unwritable_folder(tmp_path, mo
     monkeypatch.setattr(model.tempfile, "mkstemp", read_only)
     with pytest.raises(InputError, match=r"is not writable \(Read-only file system\)"):
         model.check_writable_dir(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# The oneDNN path of every linear layer on the CPU (model.linear)
+
+needs_onednn = pytest.mark.skipif(not model.ONEDNN, reason="model.linear uses oneDNN on x86-64 PyTorch with oneDNN only")
+
+
+@needs_onednn
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_onednn_linear_equals_f_linear_in_values_and_every_gradient(contiguous):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 20, generator=g) if contiguous else torch.randn(3, 20, 7, generator=g).transpose(1, 2)
+    w, b = torch.randn(11, 20, generator=g), torch.randn(11, generator=g)
+    grad = torch.randn(3, 7, 11, generator=g)
+    results = []
+    for fn in (model.linear, torch.nn.functional.linear):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(*leaves)
+        y.backward(grad)
+        results.append([y] + [t.grad for t in leaves])
+    assert model.use_onednn(x) and y.grad_fn.name() != results[0][0].grad_fn.name()  # the two paths differ
+    for ours, ref in zip(*results):
+        assert maxdiff(ours, ref) <= TOL
+
+
+@needs_onednn
+def test_a_lora_training_step_on_onednn_equals_the_one_on_f_linear(ckpt, monkeypatch):
+    path, _ = ckpt
+    ids, pv = torch.tensor(prompt_ids((4, 4))), pixels(2)
+    at = torch.zeros(ids.shape, dtype=torch.bool)
+    at[:, -3:] = True
+    runs = []
+    for onednn in (True, False):
+        monkeypatch.setattr(model, "ONEDNN", onednn)
+        torch.manual_seed(0)
+        vlm = add_lora(VLM.from_pretrained(path), targets=("q_proj", "o_proj", "up_proj"), r=4, alpha=8)
+        with torch.no_grad():
+            for name, p in vlm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        logits = vlm(ids, pixel_values=pv, logits_at=at)
+        logits.logsumexp(-1).sum().backward()
+        runs.append([logits] + [p.grad for p in vlm.parameters() if p.requires_grad])
+    assert len(runs[0]) == 1 + 3 * 2 * 2  # logits, then A and B of three adapters in each of two layers
+    for ours, ref in zip(*runs):
+        assert maxdiff(ours, ref) <= TOL
+
+
+@needs_onednn
+def test_generation_on_packed_onednn_weights_equals_generation_on_f_linear(ckpt, monkeypatch):
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    ids, pv = torch.tensor(prompt_ids((4, 4, 4))), pixels(3)
+    packed_calls = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w, rows: packed_calls.append(rows) or reorder(w, rows))
+    runs = []
+    for onednn in (True, False):
+        monkeypatch.setattr(model, "ONEDNN", onednn)
+        runs.append(vlm.generate(ids, pixel_values=pv, max_new_tokens=6, temperature=1.0, return_logprobs=True,
+                                 generator=torch.Generator().manual_seed(0)))
+    n_linear = 7 * vlm.config.text.num_hidden_layers + 1  # q, k, v, o, gate, up, down in each layer, and the head
+    assert packed_calls == [3] * n_linear and model.PACKED == {}  # packed for the decode steps, dropped after
+    assert torch.equal(runs[0][0], runs[1][0]) and maxdiff(runs[0][1], runs[1][1]) <= TOL

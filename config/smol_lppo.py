@@ -7,6 +7,7 @@ reward_model = "out/smol-rm"
 prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
 eval_harmful = "data/smol/harmful_test.jsonl"  # refusal at layer 2 and the default layer (-2 = 11), every eval
 eval_benign = "data/smol/benign_test.jsonl"  # over-refusal at the default layer
+eval_vqa = "data/smol/vqa/vqa_test.jsonl"  # smol-VQA accuracy at layer 2 and the default layer (data/smol/vqa.py)
 out_dir = "out/lppo-smol"
 
 image_layer = 2

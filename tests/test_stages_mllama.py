@@ -56,6 +56,7 @@ reward_model = {str(d / 'rm')!r}
 prompt_files = [{str(d / 'prompts.jsonl')!r}]
 eval_harmful = {str(d / 'prompts.jsonl')!r}
 eval_benign = ""
+eval_vqa = ""
 image_layer = [1, 3]
 batch_size = 4
 minibatch_size = 4

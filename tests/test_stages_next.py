@@ -3,7 +3,11 @@ collated batch of images of different sizes gives transformers' loss, a short ru
 at drawn layers, the merged folder differs from the base in the language model only, and compile=True is refused."""
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ import sft
 import tiny
 from model import VLM, InputError, encode_images, image_token_count, load_image, load_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(20, 50), (61, 33), (30, 30), (9, 14)]  # (height, width): wide, tall, square and small, 4 token counts
 PROMPTS = ["w5 w30 w60", "w6 w31", "w7 w32 w61 w62", "w8"]
 RESPONSES = ["w40 w41 w42 w43", "w50 w51", "w60 w61 w62", "w70 w71 w72 w73 w74"]
@@ -140,3 +145,16 @@ def test_compile_with_llava_next_is_refused_in_one_line(world, tmp_path, monkeyp
     assert "\n" not in str(e.value)
     assert re.fullmatch(r"compile=True with the LLaVA-NeXT checkpoint .*policy: each image's size sets its crops and "
                         r"image tokens, so every batch would compile anew; expected compile=False", str(e.value))
+
+
+def test_the_llava_next_sft_config_runs_sft_py(world, tmp_path):
+    """config/llava_next_sft_l5.py through sft.py's configurator, on the tiny world (whose tower has 4 layers, not 24,
+    and whose machine is a CPU): every key is one sft.py knows, and the run merges a llava_next folder."""
+    p = subprocess.run([sys.executable, "sft.py", "config/llava_next_sft_l5.py", f"--init_from={world / 'policy'}",
+                        f"--data={world / 'sft.jsonl'}", "--image_layer=3", "--max_iters=1", "--batch_size=2",
+                        "--gradient_accumulation_steps=2", "--device=cpu", "--dtype=float32",
+                        f"--out_dir={tmp_path / 'out'}", f"--merged_dir={tmp_path / 'merged'}"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "iter 1: loss" in p.stdout
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llava_next"

@@ -1449,15 +1449,20 @@ def encode_batch(tokenizer, cfg, prompts, images=None, device="cpu", pad_to_squa
     if images is not None and cfg.image_grid_pinpoints is not None:
         if pad_to_square:
             raise InputError("pad_to_square is LLaVA-1.5's; a LLaVA-NeXT checkpoint expects its anyres crops")
-        views = [preprocess_anyres(im, cfg.vision.image_size, cfg.image_grid_pinpoints) for im in images]
-        n = max(v.shape[0] for v, _ in views)
-        padded = [F.pad(v, (0, 0, 0, 0, 0, 0, 0, n - v.shape[0])) for v, _ in views]
-        batch["pixel_values"] = torch.stack(padded).to(device)
-        batch["image_sizes"] = torch.tensor([size for _, size in views], device=device)
+        batch.update({k: v.to(device) for k, v in anyres_pixel_values(cfg, images).items()})
     elif images is not None:
         batch["pixel_values"] = torch.stack(
             [preprocess_image(im, cfg.vision.image_size, pad_to_square) for im in images]).to(device)
     return batch
+
+
+def anyres_pixel_values(cfg, images):
+    """{"pixel_values": (B, crops, 3, H, W), "image_sizes": (B, 2)} of LLaVA-NeXT images: each image's anyres crops,
+    zero crops padding the batch to its largest count, as LlavaNextImageProcessor pads."""
+    views = [preprocess_anyres(im, cfg.vision.image_size, cfg.image_grid_pinpoints) for im in images]
+    n = max(v.shape[0] for v, _ in views)
+    padded = [F.pad(v, (0, 0, 0, 0, 0, 0, 0, n - v.shape[0])) for v, _ in views]
+    return {"pixel_values": torch.stack(padded), "image_sizes": torch.tensor([size for _, size in views])}
 
 
 def load_image(path):
@@ -1566,14 +1571,18 @@ def extend_per_token(vlm, extras, n):
 
 
 def encode_images(vlm, images, input_ids):
-    """The image inputs {"pixel_values", **extras} of a batch whose token ids (B, T), one image token per image, are
-    already made (SFT appends responses before padding): what encode_batch gives beside the ids."""
+    """The image inputs {"pixel_values", **extras} of a batch whose token ids (B, T), one image per row, are already
+    made (SFT appends responses before padding): what encode_batch gives beside the ids (LLaVA-NeXT: image_sizes)."""
     cfg = vlm.config
     if isinstance(cfg, MllamaConfig):
         return mllama_encode_images(cfg, images, input_ids)
-    if cfg.image_grid_pinpoints is not None:  # its image token count depends on the image: encode_batch does both
-        raise InputError("encode_images: a LLaVA-NeXT image's token count depends on its size; expected the ids of "
-                         "encode_batch, which makes them with the image (sft.py does not train LLaVA-NeXT yet)")
+    if cfg.image_grid_pinpoints is not None:  # each row holds its own image's count of image tokens
+        for i, (row, im) in enumerate(zip(input_ids, images)):
+            n, need = int((row == cfg.image_token_id).sum()), image_token_count(cfg, im.height, im.width)
+            if n != need:
+                raise InputError(f"encode_images: row {i} holds {n} image tokens, its {im.height}x{im.width} image "
+                                 f"needs {need} (expand <image> to image_token_count of the row's own image)")
+        return anyres_pixel_values(cfg, images)
     return {"pixel_values": torch.stack([preprocess_image(im, cfg.vision.image_size) for im in images])}
 
 

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, add_lora, atomic_torch_save, autocast,
                    check_writable_dir, compute_init, copy_tokenizer_files, encode_prompt, fit_prompt, generator_for,
-                   get_lr, load_image, load_resume_checkpoint, load_tokenizer, merge_lora, read_jsonl,
-                   resolve_checkpoint, round_up, run_stage, save_lora, seed_for, strict_compile)
-from model import encode_images  # pixel_values and the family's image extras (mllama's) for the collated ids
+                   get_lr, image_token_count, load_image, load_resume_checkpoint, load_tokenizer, merge_lora, read_json,
+                   read_jsonl, resolve_checkpoint, round_up, run_stage, save_lora, seed_for, strict_compile)
+from model import encode_images  # pixel_values and the family's image extras (NeXT's, mllama's) for the collated ids
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 
@@ -34,9 +34,10 @@ IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entr
 
 
 def read_sft_jsonl(paths):
-    """Rows {"image", "prompt", "response", "where"} of one JSONL file, or several separated by commas.
+    """Rows {"image", "image_size", "prompt", "response", "where"} of one JSONL file, or several separated by commas.
 
-    An image path is relative to its JSONL file's folder. Every problem is an InputError naming file and line.
+    An image path is relative to its JSONL file's folder; image_size is its (height, width). Every problem is an
+    InputError naming file and line.
     """
     rows = []
     for path in [p.strip() for p in paths.split(",") if p.strip()]:
@@ -53,39 +54,45 @@ def read_sft_jsonl(paths):
     if not rows:
         raise InputError(f"{paths}: no examples; expected JSON lines "
                          "{\"image\": ..., \"prompt\": ..., \"response\": ...}")
-    first_use = {}
+    first_use, sizes = {}, {}
     for row in rows:
         first_use.setdefault(row["image"], row["where"])
     for image, where in first_use.items():  # every image opens now, not as a batch needs it hours later
         try:
-            load_image(image)
+            sizes[image] = load_image(image).size[::-1]
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
+    for row in rows:  # a LLaVA-NeXT image's token count depends on its size
+        row["image_size"] = sizes[row["image"]]
     return rows
 
 
-def build_example(tok, cfg, prompt, response, max_len):
+def build_example(tok, cfg, prompt, response, max_len, image=True):
     """(input_ids, labels, n_cut): the prompt with its image tokens, then the response and EOS, labelled.
 
-    A sequence longer than max_len loses the first n_cut tokens of the prompt's text (the request's end,
-    usually the question, is kept); the image tokens are never cut: if they do not fit, InputError.
+    `image` is the number of image tokens (True: the config's fixed count; LLaVA-NeXT: image_token_count of the
+    example's image). A sequence longer than max_len loses the first n_cut tokens of the prompt's text (the request's
+    end, usually the question, is kept); the image tokens are never cut: if they do not fit, InputError.
     """
     target = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     try:
-        ids, n_cut = fit_prompt(tok, cfg, prompt, max_len - len(target))
+        ids, n_cut = fit_prompt(tok, cfg, prompt, max_len - len(target), image)
     except InputError:
-        need = len(encode_prompt(tok, cfg, "")) + len(target)
+        need = len(encode_prompt(tok, cfg, "", image)) + len(target)
         raise InputError(f"the image tokens, chat template and response need {need} tokens, more than the context "
                          f"length {max_len}, even with the whole prompt cut") from None
     return ids + target, [IGNORE_INDEX] * len(ids) + target, n_cut
 
 
 def tokenize_examples(rows, tok, cfg, max_len):
-    """build_example for every row; says once how many prompts were cut to fit max_len."""
+    """build_example for every row, with its own image's token count on LLaVA-NeXT; says once how many prompts were
+    cut to fit max_len."""
+    anyres = getattr(cfg, "image_grid_pinpoints", None) is not None
     examples, n_cut = [], 0
     for row in rows:
+        image = image_token_count(cfg, *row["image_size"]) if anyres else True
         try:
-            ids, labels, cut = build_example(tok, cfg, row["prompt"], row["response"], max_len)
+            ids, labels, cut = build_example(tok, cfg, row["prompt"], row["response"], max_len, image)
         except InputError as e:
             raise InputError(f"{row['where']}: {e}") from None
         examples.append({"input_ids": ids, "labels": labels, "image": row["image"]})
@@ -233,6 +240,9 @@ def main():
     val_rows = read_sft_jsonl(val_data) if val_data else []
     path = resolve_checkpoint(init_from)
     tok = load_tokenizer(path)
+    if compile and read_json(os.path.join(path, "config.json")).get("model_type") == "llava_next":
+        raise InputError(f"compile=True with the LLaVA-NeXT checkpoint {init_from}: each image's size sets its crops "
+                         "and image tokens, so every batch would compile anew; expected compile=False")
     vlm = VLM.from_pretrained(path, device=dev, dtype=getattr(torch, dtype))
     cfg = vlm.config
     for layer in image_layer if isinstance(image_layer, (list, tuple)) else [image_layer]:

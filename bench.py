@@ -376,13 +376,15 @@ def mllama_bench():
                                                  rope_theta=500000.0, rope_scaling=llama3_rope,
                                                  cross_attention_layers=[1, 3]),
                            image_token_id=128, pad_token_id=121)
-        bos, vocab_text = 1, 100
+        bos, eos, vocab_text = 1, 2, 100
     else:
         cfg = MllamaConfig(text=MllamaTextConfig(vocab_size=128256, intermediate_size=14336, num_hidden_layers=40,
                                                  num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
                                                  rope_scaling=llama3_rope, max_position_embeddings=131072))
-        bos, vocab_text = 128000, 128000
-    hf_cfg = HFMllamaConfig(**mllama_config_to_hf(cfg))
+        bos, eos, vocab_text = 128000, [128001, 128008, 128009], 128000
+    hf_cfg = mllama_config_to_hf(cfg)
+    hf_cfg["text_config"].update(bos_token_id=bos, eos_token_id=eos)  # transformers' defaults lie outside a tiny vocab
+    hf_cfg = HFMllamaConfig(**hf_cfg)
     hf, vlm = build_pair(MllamaForConditionalGeneration, hf_cfg, MllamaVLM, cfg, mllama_from_hf_key)
     with torch.no_grad():  # the init's zero gates would shut the image out of the text: the comparison must see it
         for name, p in hf.named_parameters():

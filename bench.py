@@ -27,6 +27,7 @@ test of this script on any machine, float32, where the logits must agree to roun
 
 Run: python bench.py [--batch_size=64 --max_new_tokens=128 --shape=tiny --family=mllama ...]
 """
+import gc
 import json
 import os
 import platform
@@ -312,10 +313,6 @@ def compare_generate(vlm, hf, ids, mask, ours_kw, hf_kw):
            same_tokens_frac_static=(ours_tok == static_tok[:, :n]).float().mean().item())
 
 
-def text_tokens(B, T, low, high, g):
-    return torch.randint(low, high, (B, T), generator=g)
-
-
 def llava_next_bench():
     """llava-v1.6-vicuna-7b's shapes: CLIP ViT-L/14-336, its five anyres canvases, Vicuna-7B; every row a 480x640
     photo (a 2x2 grid of crops and the base view: 5 crops, 2,340 image tokens). Tiny: tests/test_model_next.py's."""
@@ -328,25 +325,25 @@ def llava_next_bench():
                                          num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                                          max_position_embeddings=256),
                         image_token_id=120, pad_token_id=121, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
-        size, bos = (21, 28), 1  # 480x640 scaled to the 28-px tower
+        size, vocab_text = (21, 28), 100  # 480x640 scaled to the 28-px tower
     else:
         cfg = VLMConfig(vision=CLIPConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                           num_attention_heads=16, image_size=336, patch_size=14),
                         text=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
                         image_token_id=32000, pad_token_id=32001, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
-        size, bos = (480, 640), 1
+        size, vocab_text = (480, 640), 32000
     hf, vlm = build_pair(LlavaNextForConditionalGeneration, LlavaNextConfig.from_dict(config_to_hf(cfg)), VLM, cfg,
                          from_hf_key)
     # BOS, five words, the image's tokens, the rest of the text: every row the same length, so no padding
     g = torch.Generator().manual_seed(seed)
     n_image = image_token_count(cfg, *size)
-    text = text_tokens(batch_size, prompt_text_tokens, 3, min(cfg.image_token_id, 100 if shape == "tiny" else 32000), g)
-    ids = torch.cat([torch.full((batch_size, 1), bos), text[:, :5], torch.full((batch_size, n_image), cfg.image_token_id),
-                     text[:, 5:]], 1).to(device)
+    text = torch.randint(3, vocab_text, (batch_size, prompt_text_tokens), generator=g)
+    ids = torch.cat([torch.ones(batch_size, 1, dtype=torch.long), text[:, :5],
+                     torch.full((batch_size, n_image), cfg.image_token_id), text[:, 5:]], 1).to(device)
     mask = torch.ones_like(ids)
-    crops = 1 + anyres_grid(cfg, *size)[0] * anyres_grid(cfg, *size)[1]
+    rows, cols = anyres_grid(cfg, *size)
     S = cfg.vision.image_size
-    pixels = torch.randn(batch_size, crops, 3, S, S, generator=g).to(device, dtype)
+    pixels = torch.randn(batch_size, 1 + rows * cols, 3, S, S, generator=g).to(device, dtype)
     sizes = torch.tensor([size] * batch_size, device=device)
     with torch.no_grad():
         for layer in (image_layer, -2):
@@ -386,18 +383,18 @@ def mllama_bench():
     hf_cfg["text_config"].update(bos_token_id=bos, eos_token_id=eos)  # transformers' defaults lie outside a tiny vocab
     hf_cfg = HFMllamaConfig(**hf_cfg)
     hf, vlm = build_pair(MllamaForConditionalGeneration, hf_cfg, MllamaVLM, cfg, mllama_from_hf_key)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the init's zero gates would shut the image out of the text: the comparison must see it
         for name, p in hf.named_parameters():
             if "gate" in name and "proj" not in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)).to(p))
+                p.copy_(torch.randn(p.shape, generator=g).to(p))
     # transformers 5 reads vision tap i after i + 1 local layers, Meta's code and ours after i (tests/
     # test_model_mllama.py): against transformers 5 ours runs with every tap one layer later
     if int(package_version("transformers").split(".")[0]) >= 5:
         vlm.config.vision.intermediate_layers_indices = [i + 1 for i in cfg.vision.intermediate_layers_indices]
     # BOS, <|image|>, text: every row one image of 4 tiles (a 2x2 canvas), the same length, no padding
-    g = torch.Generator().manual_seed(seed)
     ids = torch.cat([torch.tensor([[bos, cfg.image_token_id]]).expand(batch_size, 2),
-                     text_tokens(batch_size, prompt_text_tokens, 3, vocab_text, g)], 1)
+                     torch.randint(3, vocab_text, (batch_size, prompt_text_tokens), generator=g)], 1)
     tiles, S = cfg.vision.max_num_tiles, cfg.vision.image_size
     images = dict(pixel_values=torch.randn(batch_size, 1, tiles, 3, S, S, generator=g).to(device, dtype),
                   aspect_ratio_ids=torch.full((batch_size, 1), cfg.vision.supported_aspect_ratios.index([2, 2]) + 1,
@@ -423,6 +420,7 @@ if shape == "smol":
 for name, bench in (("llava_next", llava_next_bench), ("mllama", mllama_bench)):
     if family in (name, "all"):
         bench()
+        gc.collect()  # one family's 7-11B weights must be gone before the next family's are made
         if device == "cuda":
             torch.cuda.empty_cache()
 if family not in ("llava", "all"):

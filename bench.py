@@ -351,8 +351,11 @@ def llava_next_bench():
             ref = hf(input_ids=ids[:2], pixel_values=pixels[:2], image_sizes=sizes[:2], vision_feature_layer=layer).logits
             report_parity(vlm, ours, ref, image_layer=layer, prompt_len=ids.shape[1])
     if not parity_only:
+        # ours never generates the image placeholder (its next forward would splice image features into it, see
+        # VLM.response_logits); transformers would: it is told to suppress it too
         compare_generate(vlm, hf, ids, mask, dict(pixel_values=pixels, image_sizes=sizes, image_layer=image_layer),
-                         dict(pixel_values=pixels, image_sizes=sizes, vision_feature_layer=image_layer))
+                         dict(pixel_values=pixels, image_sizes=sizes, vision_feature_layer=image_layer,
+                              suppress_tokens=[cfg.image_token_id]))
 
 
 def mllama_bench():

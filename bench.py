@@ -12,16 +12,22 @@ On a CPU (shape "smol"): the smol world's base model, data/smol/smol-llava-base 
 Timings are the best of `repeats` runs, ours and theirs alternating, so that both sides of a ratio see the same
 machine load; run with OMP_NUM_THREADS=1 on a shared machine.
 
-On a GPU (shape "7b"), random weights of the real shapes (nothing is downloaded):
+On a GPU (shape "7b"), random weights of the real shapes (nothing is downloaded), family "llava" (the default):
 1. model.py vs transformers' LlavaForConditionalGeneration on the same LLaVA-1.5-7B-shaped weights, bf16:
    logits at ICET-5 and at the default layer, greedy generation speed (ours vs transformers' generate, with its
    dynamic and its static cache), and the HBM roofline of a decode step.
 2. One L-PPO iteration with the settings of config/llava15_l5.py (batch_size overrides its batch size): 7B policy +
    GPT-2-large-shaped reward model, its time split (rollout / scoring / reference+values / update) and peak memory.
-shape "tiny": the GPU benchmark's code on tiny shapes, a smoke test of this script on any machine.
+Families "llava_next" (llava-v1.6-vicuna-7b shapes: anyres crops of a 480x640 photo, 2,340 image tokens) and
+"mllama" (Llama-3.2-11B-Vision shapes: 4 tiles of 560 px) on the same footing: our logits against transformers'
+LlavaNextForConditionalGeneration / MllamaForConditionalGeneration on the same weights, and greedy generation speed
+(ours vs transformers' generate, dynamic and static cache); "all" runs llava_next, mllama, then llava.
+shape "tiny": the GPU benchmark's code on tiny shapes (the parity tests' configs for llava_next and mllama), a smoke
+test of this script on any machine, float32, where the logits must agree to rounding and the tokens exactly.
 
-Run: python bench.py [--batch_size=64 --max_new_tokens=128 --shape=tiny ...]
+Run: python bench.py [--batch_size=64 --max_new_tokens=128 --shape=tiny --family=mllama ...]
 """
+import gc
 import json
 import os
 import platform
@@ -34,6 +40,8 @@ import model
 from lppo import (compute_gae, compute_rewards, masked_whiten, ppo_update, score_rollout)
 from model import (VLM, VLMConfig, CLIPConfig, LlamaConfig, GPT2Config, InputError, add_lora, config_to_hf,
                    from_hf_key, linear, rope_inv_freq)
+from model import (LLAVA_NEXT_PINPOINTS, MllamaConfig, MllamaTextConfig, MllamaVisionConfig, MllamaVLM, anyres_grid,
+                   image_token_count, mllama_config_to_hf, mllama_cross_attention_mask, mllama_from_hf_key)
 from reward import RewardModel
 
 batch_size = 0                  # 0: config/llava15_l5.py's 16 for "7b" and "tiny", 8 for "smol"; else this many rows
@@ -47,6 +55,9 @@ smol_path = "data/smol/smol-llava-base"
 repeats = 3                     # each timing is the best of this many runs
 precision = "bfloat16"          # of the weights on the GPU; float32 makes the logits comparison exact up to kernels
 parity_only = False             # stop after the logits comparison
+family = "llava"                # shapes "7b"/"tiny": "llava" (LLaVA-1.5 and the L-PPO iteration), "llava_next", "mllama",
+                                # or "all" (each in turn)
+CHOICES = {"family": ("llava", "llava_next", "mllama", "all")}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,6 +65,8 @@ shape = shape or ("7b" if device == "cuda" else "smol")
 batch_size = batch_size or (8 if shape == "smol" else 16)
 max_new_tokens = max_new_tokens or (64 if shape == "smol" else 128)
 dtype = getattr(torch, precision) if device == "cuda" else torch.float32
+if shape == "smol" and family != "llava":
+    raise InputError(f"--family={family} runs at --shape=7b or --shape=tiny; the smol world is LLaVA-1.5 only")
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = precision != "float32"  # TF32 would blur a float32 comparison
 
@@ -246,8 +259,174 @@ def smol_bench():
            speedup_vs_mkl=r["ours_mkl"][1] / r["ours"][1], speedup_vs_peft=r["peft"][1] / r["ours"][1])
 
 
+# -----------------------------------------------------------------------------
+# LLaVA-NeXT and Llama 3.2 Vision: ours against transformers on the same random weights, logits and greedy generation
+
+def build_pair(hf_cls, hf_cfg, ours_cls, cfg, rename):
+    """transformers' model with random weights in `dtype` on `device`, and ours on the very same tensors."""
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        hf = hf_cls(hf_cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    with torch.device("meta"):
+        vlm = ours_cls(cfg)
+    sd = {rename(k): v for k, v in hf.state_dict().items() if "post_layernorm" not in k}
+    vlm.load_state_dict(sd, strict=True, assign=True)
+    vlm.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
+    report(what="weights", family=family_name(vlm), params_b=sum(p.numel() for p in hf.parameters()) / 1e9,
+           mem_gb=torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None)
+    return hf, vlm.eval()
+
+
+def family_name(vlm):
+    return "mllama" if isinstance(vlm, MllamaVLM) else "llava_next"
+
+
+def report_parity(vlm, ours, ref, **kw):
+    report(what=f"logits_{str(dtype).removeprefix('torch.')}", family=family_name(vlm), **kw,
+           max_abs_diff=(ours.float() - ref.float()).abs().max().item(), logit_scale=ref.float().abs().max().item(),
+           argmax_agree=(ours.argmax(-1) == ref.argmax(-1)).float().mean().item())
+
+
+def compare_generate(vlm, hf, ids, mask, ours_kw, hf_kw):
+    """Greedy generation of max_new_tokens for every row (no early stop): ours vs transformers' generate with its
+    dynamic and its static cache (on a GPU transformers compiles the static one on the first call of a shape, so each
+    side is warmed up at full length first), one JSON line."""
+    greedy = dict(input_ids=ids, attention_mask=mask, **hf_kw, max_new_tokens=max_new_tokens,
+                  min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=vlm.config.pad_token_id)
+    ours_fn = lambda: vlm.generate(ids, mask, **ours_kw, max_new_tokens=max_new_tokens)[0]
+    with torch.no_grad():
+        ours_fn()
+        ours_tok, t_ours = timed(ours_fn)
+        hf.generate(**greedy)
+        ref_tok, t_hf = timed(lambda: hf.generate(**greedy))
+        hf.generate(**greedy, cache_implementation="static")
+        static_tok, t_static = timed(lambda: hf.generate(**greedy, cache_implementation="static"))
+    ref_tok, static_tok = ref_tok[:, ids.shape[1]:], static_tok[:, ids.shape[1]:]
+    n, B = ours_tok.shape[1], ids.shape[0]
+    report(what="generate", family=family_name(vlm), batch=B, prompt_len=ids.shape[1], new_tokens=max_new_tokens,
+           ours_s=t_ours, ours_tok_per_s=B * max_new_tokens / t_ours,
+           transformers_s=t_hf, transformers_tok_per_s=B * max_new_tokens / t_hf,
+           transformers_static_s=t_static, transformers_static_tok_per_s=B * max_new_tokens / t_static,
+           speedup=t_hf / t_ours, speedup_vs_static=t_static / t_ours,
+           same_tokens_frac=(ours_tok == ref_tok[:, :n]).float().mean().item(),
+           same_tokens_frac_static=(ours_tok == static_tok[:, :n]).float().mean().item())
+
+
+def llava_next_bench():
+    """llava-v1.6-vicuna-7b's shapes: CLIP ViT-L/14-336, its five anyres canvases, Vicuna-7B; every row a 480x640
+    photo (a 2x2 grid of crops and the base view: 5 crops, 2,340 image tokens). Tiny: tests/test_model_next.py's."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    if shape == "tiny":
+        # 8 layers (the tests have 4), so that image_layer 5 exists and differs from -2
+        cfg = VLMConfig(vision=CLIPConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+                                          image_size=28, patch_size=7),
+                        text=LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                         max_position_embeddings=256),
+                        image_token_id=120, pad_token_id=121, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+        size, vocab_text = (21, 28), 100  # 480x640 scaled to the 28-px tower
+    else:
+        cfg = VLMConfig(vision=CLIPConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                          num_attention_heads=16, image_size=336, patch_size=14),
+                        text=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5),
+                        image_token_id=32000, pad_token_id=32001, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+        size, vocab_text = (480, 640), 32000
+    hf, vlm = build_pair(LlavaNextForConditionalGeneration, LlavaNextConfig.from_dict(config_to_hf(cfg)), VLM, cfg,
+                         from_hf_key)
+    # BOS, five words, the image's tokens, the rest of the text: every row the same length, so no padding
+    g = torch.Generator().manual_seed(seed)
+    n_image = image_token_count(cfg, *size)
+    text = torch.randint(3, vocab_text, (batch_size, prompt_text_tokens), generator=g)
+    ids = torch.cat([torch.ones(batch_size, 1, dtype=torch.long), text[:, :5],
+                     torch.full((batch_size, n_image), cfg.image_token_id), text[:, 5:]], 1).to(device)
+    mask = torch.ones_like(ids)
+    rows, cols = anyres_grid(cfg, *size)
+    S = cfg.vision.image_size
+    pixels = torch.randn(batch_size, 1 + rows * cols, 3, S, S, generator=g).to(device, dtype)
+    sizes = torch.tensor([size] * batch_size, device=device)
+    with torch.no_grad():
+        for layer in (image_layer, -2):
+            ours = vlm(ids[:2], pixel_values=pixels[:2], image_layer=layer, image_sizes=sizes[:2])
+            ref = hf(input_ids=ids[:2], pixel_values=pixels[:2], image_sizes=sizes[:2], vision_feature_layer=layer).logits
+            report_parity(vlm, ours, ref, image_layer=layer, prompt_len=ids.shape[1])
+    if not parity_only:
+        # ours never generates the image placeholder (its next forward would splice image features into it, see
+        # VLM.response_logits); transformers would: it is told to suppress it too
+        compare_generate(vlm, hf, ids, mask, dict(pixel_values=pixels, image_sizes=sizes, image_layer=image_layer),
+                         dict(pixel_values=pixels, image_sizes=sizes, vision_feature_layer=image_layer,
+                              suppress_tokens=[cfg.image_token_id]))
+
+
+def mllama_bench():
+    """Llama-3.2-11B-Vision's shapes: a 32-layer local and 8-layer global ViT, 1280 wide, taps [3, 7, 15, 23, 30],
+    4 tiles of 560 px per image; a 40-layer text model, 4096 wide, cross-attention at [3, 8, ..., 38]. Tiny:
+    tests/test_model_mllama.py's config "a". transformers has no early exit of the vision model, so the logits are
+    compared with the whole local ViT (image_layer None), and so is generation."""
+    from transformers import MllamaConfig as HFMllamaConfig, MllamaForConditionalGeneration
+    llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 16 if shape == "tiny" else 8192}
+    if shape == "tiny":
+        cfg = MllamaConfig(vision=MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                                     num_global_layers=2, attention_heads=4, image_size=14, patch_size=7,
+                                                     vision_output_dim=96, intermediate_layers_indices=[1, 3]),
+                           text=MllamaTextConfig(vocab_size=128, hidden_size=48, intermediate_size=96,
+                                                 num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                                                 rms_norm_eps=1e-5, max_position_embeddings=256,
+                                                 rope_theta=500000.0, rope_scaling=llama3_rope,
+                                                 cross_attention_layers=[1, 3]),
+                           image_token_id=128, pad_token_id=121)
+        bos, eos, vocab_text = 1, 2, 100
+    else:
+        cfg = MllamaConfig(text=MllamaTextConfig(vocab_size=128256, intermediate_size=14336, num_hidden_layers=40,
+                                                 num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                                                 rope_scaling=llama3_rope, max_position_embeddings=131072))
+        bos, eos, vocab_text = 128000, [128001, 128008, 128009], 128000
+    hf_cfg = mllama_config_to_hf(cfg)
+    hf_cfg["text_config"].update(bos_token_id=bos, eos_token_id=eos)  # transformers' defaults lie outside a tiny vocab
+    hf_cfg = HFMllamaConfig(**hf_cfg)
+    hf, vlm = build_pair(MllamaForConditionalGeneration, hf_cfg, MllamaVLM, cfg, mllama_from_hf_key)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the init's zero gates would shut the image out of the text: the comparison must see it
+        for name, p in hf.named_parameters():
+            if "gate" in name and "proj" not in name:
+                p.copy_(torch.randn(p.shape, generator=g).to(p))
+    # transformers 5 reads vision tap i after i + 1 local layers, Meta's code and ours after i (tests/
+    # test_model_mllama.py): against transformers 5 ours runs with every tap one layer later
+    if int(package_version("transformers").split(".")[0]) >= 5:
+        vlm.config.vision.intermediate_layers_indices = [i + 1 for i in cfg.vision.intermediate_layers_indices]
+    # BOS, <|image|>, text: every row one image of 4 tiles (a 2x2 canvas), the same length, no padding
+    ids = torch.cat([torch.tensor([[bos, cfg.image_token_id]]).expand(batch_size, 2),
+                     torch.randint(3, vocab_text, (batch_size, prompt_text_tokens), generator=g)], 1)
+    tiles, S = cfg.vision.max_num_tiles, cfg.vision.image_size
+    images = dict(pixel_values=torch.randn(batch_size, 1, tiles, 3, S, S, generator=g).to(device, dtype),
+                  aspect_ratio_ids=torch.full((batch_size, 1), cfg.vision.supported_aspect_ratios.index([2, 2]) + 1,
+                                              device=device),
+                  aspect_ratio_mask=torch.ones(batch_size, 1, tiles, dtype=torch.long, device=device),
+                  cross_attention_mask=mllama_cross_attention_mask(ids, cfg.image_token_id, [[tiles]] * batch_size,
+                                                                   tiles).to(device))
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    two = {k: v[:2] for k, v in images.items()}
+    with torch.no_grad():
+        ours = vlm(ids[:2], **two)
+        ref = hf(input_ids=ids[:2], **two).logits
+    report_parity(vlm, ours, ref, image_layer=None, prompt_len=ids.shape[1],
+                  cross_tokens=tiles * cfg.vision.num_patches)
+    if not parity_only:
+        compare_generate(vlm, hf, ids, mask, images, images)
+
+
 if shape == "smol":
     smol_bench()
+    raise SystemExit
+for name, bench in (("llava_next", llava_next_bench), ("mllama", mllama_bench)):
+    if family in (name, "all"):
+        bench()
+        gc.collect()  # one family's 7-11B weights must be gone before the next family's are made
+        if device == "cuda":
+            torch.cuda.empty_cache()
+if family not in ("llava", "all"):
     raise SystemExit
 
 

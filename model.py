@@ -1142,8 +1142,9 @@ IGNORED_KEY_ENDINGS = ("post_layernorm.weight", "post_layernorm.bias", "position
                        ".attn.bias", ".attn.masked_bias")
 
 
-def from_hf_key(key):
-    for old, new in KEY_PREFIXES:
+def from_hf_key(key, prefixes=None):
+    """A checkpoint's key -> our module name, by the first matching prefix of `prefixes` (llava's by default)."""
+    for old, new in KEY_PREFIXES if prefixes is None else prefixes:
         if key.startswith(old):
             return new + key[len(old):]
     return key
@@ -2236,10 +2237,7 @@ MLLAMA_KEY_PREFIXES = [
 
 
 def mllama_from_hf_key(key):
-    for old, new in MLLAMA_KEY_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+    return from_hf_key(key, MLLAMA_KEY_PREFIXES)
 
 
 def mllama_to_hf_key(key):

@@ -525,8 +525,6 @@ def main():
             vlm.save_pretrained(os.path.join(out_dir, "merged"))
             tok.save_pretrained(os.path.join(out_dir, "merged"))
         print(f"saved {out_dir}/adapter.safetensors, {out_dir}/peft/" + (", merged/" if save_merged else ""))
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1695,12 +1695,26 @@ DTYPE = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 
 def run_stage(main):
     """Run a stage's main(): a bad input, or a run stopped to keep its last good state, ends in one line, `error: ...`,
-    and exit status 1."""
+    and exit status 1. Under torchrun the process group is torn down here, on every way out of main()."""
     import sys
     try:
         main()
     except InputError as e:
         sys.exit(f"error: {e}")
+    finally:
+        compute_cleanup()
+
+
+def compute_cleanup():
+    """Destroy the process group, if there is one, while the interpreter is still whole. main()'s frame is gone by
+    now; collecting the reference cycles of its modules (DDP's reducer holds the group) lets the group's gloo threads
+    be joined here. Left to the interpreter's exit, a thread still alive aborts the process (SIGABRT, "terminate
+    called without an active exception") after the run has finished, and torchrun reports the rank as failed."""
+    import gc
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def compute_init(device):

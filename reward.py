@@ -546,8 +546,6 @@ def main():
                 f"{(time.time() - t0) * 1000:.0f} ms/iter")
     bar.close()
     print0(f"reward: trained in {time.time() - t_start:.0f}s; saved to {out_dir}")
-    if ddp:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

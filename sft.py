@@ -371,8 +371,6 @@ def main():
         vlm.save_pretrained(target)
         copy_tokenizer_files(path, target)
         print(f"merged the adapters into {target} (a llava checkpoint folder with {init_from}'s tokenizer)")
-    if ddp:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

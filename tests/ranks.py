@@ -13,14 +13,16 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from model import compute_cleanup
+
 
 def _rank_main(fn, rank, world_size, init_file, args):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     fn(rank, world_size, *args)
-    # every rank finishes its collectives before any rank tears down its connections
+    # every rank finishes its collectives before any rank tears down its connections, as the stages do (run_stage)
     dist.barrier()
-    dist.destroy_process_group()
+    compute_cleanup()
 
 
 def _describe(code):

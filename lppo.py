@@ -15,15 +15,14 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, add_lora, atomic_torch_save, atomic_write_json,
-                   autocast, check_writable_dir, compile_decode, compute_init, decoder_states, encode_batch,
-                   entropy_from_logits, first_eos_mask, generate_responses, generator_for, load_image,
+from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, atomic_write_json, autocast,
+                   bucketed_response_forward, check_writable_dir, compile_decode, compute_init, decoder_heads,
+                   encode_batch, entropy_from_logits, first_eos_mask, generate_responses, generator_for, load_image,
                    load_resume_checkpoint, load_tokenizer, logprobs_from_logits, lora_disabled, merge_lora,
-                   open_images, prompt_room, read_prompt_jsonl, round_up, run_stage, save_lora, save_peft_adapter,
-                   seed_for, strict_compile)
+                   open_images, prompt_room, read_prompt_jsonl, run_stage, save_lora, save_peft_adapter, seed_for,
+                   strict_compile)
 from model import extend_per_token, image_extras  # the image inputs beyond pixel_values (image_sizes, mllama's)
 
 # -----------------------------------------------------------------------------
@@ -173,30 +172,6 @@ def response_forward(vlm, ro, temperature, with_values=True):
     entropy = entropy_from_logits(logits.detach(), temperature)
     values = vlm.values(hidden) if with_values else None
     return logprobs, entropy, values
-
-
-def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
-    """response_forward after the embedding, on [prompt; response] embeddings x: what `compile` compiles. Every shape
-    in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket and grad mode."""
-    hidden = decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1]
-    logits = vlm.response_logits(hidden)
-    return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
-            vlm.values(hidden) if with_values else None)
-
-
-def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
-    """response_forward for `compile`: the prompt left-padded and the response right-padded to multiples of `bucket`
-    (padding is masked, so every number is unchanged), the image side run eagerly, `heads` (decoder_heads, compiled)
-    on the rest."""
-    T0, n = ro["input_ids"].shape[1], ro["tokens"].shape[1]
-    left, right = round_up(T0, bucket) - T0, round_up(n, bucket) - n
-    pad = vlm.config.pad_token_id
-    tokens = F.pad(ro["tokens"], (0, right), value=pad)
-    ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
-    mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
-    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
-    logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
-    return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
 
 
 @torch.no_grad()

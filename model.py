@@ -1122,6 +1122,32 @@ def decoder_states(vlm, x, attention_mask):
     window = vlm.config.text.sliding_window
     return vlm.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx, window))
 
+
+def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
+    """lppo.response_forward after the embedding, on [prompt; response] embeddings x: what lppo.py's `compile`
+    compiles. Every shape in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket
+    and grad mode."""
+    hidden = decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1]
+    logits = vlm.response_logits(hidden)
+    return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
+            vlm.values(hidden) if with_values else None)
+
+
+def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
+    """lppo.response_forward for `compile`: the prompt left-padded and the response right-padded to multiples of
+    `bucket` (padding is masked, so every number is unchanged), the image side run eagerly, `heads` (decoder_heads,
+    compiled) on the rest."""
+    T0, n = ro["input_ids"].shape[1], ro["tokens"].shape[1]
+    left, right = round_up(T0, bucket) - T0, round_up(n, bucket) - n
+    pad = vlm.config.pad_token_id
+    tokens = F.pad(ro["tokens"], (0, right), value=pad)
+    ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
+    mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
+    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
+    logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
+    return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
+
+
 # -----------------------------------------------------------------------------
 # Checkpoint files: key layouts, safetensors shards, atomic writes
 

@@ -117,7 +117,8 @@ def lppo_iteration(vlm, opt, ro, forward):
 
 def test_lppo_compiled_forward_gives_the_eager_numbers_and_never_recompiles_after_warm_up(ckpt, strict):
     from functools import partial
-    from lppo import bucketed_response_forward, decoder_heads, response_forward
+    from lppo import response_forward
+    from model import bucketed_response_forward, decoder_heads
     heads = torch.compile(decoder_heads, backend="aot_eager", fullgraph=True, dynamic=False)
     forward = partial(bucketed_response_forward, heads=heads, bucket=16)
     eager, compiled = policy(ckpt), policy(ckpt)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, add_lora, atomic_torch_save, autocast,
+from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, MllamaConfig, add_lora, atomic_torch_save, autocast,
                    check_writable_dir, compute_init, copy_tokenizer_files, encode_prompt, fit_prompt, generator_for,
                    get_lr, image_token_count, load_image, load_resume_checkpoint, load_tokenizer, merge_lora, read_json,
                    read_jsonl, resolve_checkpoint, round_up, run_stage, save_lora, seed_for, strict_compile)
@@ -36,27 +36,30 @@ IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entr
 def read_sft_jsonl(paths):
     """Rows {"image", "image_size", "prompt", "response", "where"} of one JSONL file, or several separated by commas.
 
-    An image path is relative to its JSONL file's folder; image_size is its (height, width). Every problem is an
-    InputError naming file and line.
+    An image path is relative to its JSONL file's folder; image_size is its (height, width). A row whose "image" is
+    null (or absent) is a text-only conversation, as LLaVA-1.5 mixes ShareGPT's into its visual-instruction stage.
+    Every problem is an InputError naming file and line.
     """
     rows = []
     for path in [p.strip() for p in paths.split(",") if p.strip()]:
         for n, row in read_jsonl(path):
             where = f"{path}:{n}"
             for key in ("image", "prompt", "response"):
-                if not isinstance(row.get(key), str):
+                if not isinstance(row.get(key), str) and not (key == "image" and row.get(key) is None):
                     got = "missing" if key not in row else f"{row[key]!r}"
-                    raise InputError(f"{where}: field {key!r} is {got}, expected a string")
-            image = os.path.join(os.path.dirname(path), row["image"])
-            if not os.path.isfile(image):
+                    raise InputError(f"{where}: field {key!r} is {got}, expected a string"
+                                     + (" (or null: no image)" if key == "image" else ""))
+            image = row.get("image") and os.path.join(os.path.dirname(path), row["image"])
+            if image and not os.path.isfile(image):
                 raise InputError(f"{where}: image file {image} not found")
             rows.append({"image": image, "prompt": row["prompt"], "response": row["response"], "where": where})
     if not rows:
         raise InputError(f"{paths}: no examples; expected JSON lines "
                          "{\"image\": ..., \"prompt\": ..., \"response\": ...}")
-    first_use, sizes = {}, {}
+    first_use, sizes = {}, {None: None}
     for row in rows:
-        first_use.setdefault(row["image"], row["where"])
+        if row["image"]:
+            first_use.setdefault(row["image"], row["where"])
     for image, where in first_use.items():  # every image opens now, not as a batch needs it hours later
         try:
             sizes[image] = load_image(image).size[::-1]
@@ -90,7 +93,10 @@ def tokenize_examples(rows, tok, cfg, max_len):
     anyres = getattr(cfg, "image_grid_pinpoints", None) is not None
     examples, n_cut = [], 0
     for row in rows:
-        image = image_token_count(cfg, *row["image_size"]) if anyres else True
+        if row["image"] is None and isinstance(cfg, MllamaConfig):
+            raise InputError(f"{row['where']}: a row without an image; expected an image with every row for a Llama "
+                             "3.2 Vision model (text-only rows are for the llava family)")
+        image = 0 if row["image"] is None else image_token_count(cfg, *row["image_size"]) if anyres else True
         try:
             ids, labels, cut = build_example(tok, cfg, row["prompt"], row["response"], max_len, image)
         except InputError as e:
@@ -181,7 +187,7 @@ def draw_layers(image_layer, size, seed, step):
 # default config values: SFT of the smol base model; config/*.py and --key=value override them
 
 init_from = "data/smol/smol-llava-base"  # llava checkpoint folder (or a hub id such as llava-hf/llava-1.5-7b-hf)
-data = "data/smol/sft_train.jsonl"  # JSONL of {"image", "prompt", "response"}; several files: comma-separated
+data = "data/smol/sft_train.jsonl"  # JSONL of {"image" (null: text only), "prompt", "response"}; several: a,b
 val_data = ""  # optional held-out JSONL of the same form: its loss is printed at every eval
 image_layer = None  # CLIP layer fed to the projector: None (the checkpoint's default), an int, or a list to draw from
 # LoRA on the language model; the vision tower stays frozen, the projector too unless train_projector
@@ -247,6 +253,9 @@ def main():
     cfg = vlm.config
     for layer in image_layer if isinstance(image_layer, (list, tuple)) else [image_layer]:
         vlm.image_layer_index(layer)  # an out-of-range layer fails here, not after the first step
+    if compile and any(r["image"] is None for r in rows):
+        raise InputError(f"compile=True with text-only rows in {data}: a batch's number of images would change its "
+                         "shapes, so it would compile anew; expected compile=False")
     train = tokenize_examples(rows, tok, cfg, cfg.text.max_position_embeddings)
     val = tokenize_examples(val_rows, tok, cfg, cfg.text.max_position_embeddings)
     torch.manual_seed(seed)  # the same LoRA initialisation in every process
@@ -283,8 +292,12 @@ def main():
 
     def forward_loss(net, examples, layers, n_target):
         input_ids, labels, mask = collate(examples, cfg.pad_token_id, LENGTH_BUCKET if compile else 1)
-        images = encode_images(vlm, [load_image(e["image"]) for e in examples], input_ids)
-        pixels, extras = images.pop("pixel_values").to(dev), {k: v.to(dev) for k, v in images.items()}
+        # text-only rows have no image tokens: the images, and their layers, are those of the other rows, in order
+        seen = [i for i, e in enumerate(examples) if e["image"]]
+        layers = [layers[i] for i in seen] if isinstance(layers, list) else layers
+        images = encode_images(vlm, [load_image(examples[i]["image"]) for i in seen], input_ids[seen]) if seen else {}
+        pixels, extras = images.pop("pixel_values", None), {k: v.to(dev) for k, v in images.items()}
+        pixels = None if pixels is None else pixels.to(dev)
         with ctx:
             if compile:
                 loss = bucketed_sft_loss(net, input_ids.to(dev), pixels, layers, mask.to(dev), labels, n_target)

@@ -121,6 +121,30 @@ def test_tiny_vlm_memorises_its_examples(world, tmp_path, monkeypatch):
     assert replies == [r for _, r in EXAMPLES]
 
 
+def test_text_only_rows_train_beside_image_rows_and_images_reach_their_own_rows(world, tmp_path, monkeypatch):
+    # one prompt, three answers: the answer depends on which image the row has, or that it has none ("image": null,
+    # a text-only conversation as LLaVA-1.5 mixes in), so it is learnt only if every image reaches its own row
+    prompt, answers = "w10 w11", ["w40 w41", "w50 w51", "w60 w61 w62"]
+    for i, value in enumerate((0, 255)):  # a black and a white image: far apart even through a random tower
+        Image.new("RGB", (28, 28), (value,) * 3).save(world / "images" / f"plain{i}.png")
+    rows = [{"image": f"images/plain{i}.png", "prompt": prompt, "response": answers[i]} for i in range(2)]
+    rows.append({"image": None, "prompt": prompt, "response": answers[2]})
+    (world / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    use_config(monkeypatch, init_from=str(world / "tiny"), data=str(world / "mixed.jsonl"), max_iters=60,
+               batch_size=3, out_dir=str(tmp_path / "out"), merge_at_end=True, merged_dir=str(tmp_path / "merged"))
+    sft.main()
+    vlm, tok = VLM.from_pretrained(tmp_path / "merged"), load_tokenizer(tmp_path / "merged")
+    replies = []
+    for images in ([load_image(world / "images" / f"plain{i}.png")] for i in range(2)):
+        tokens, _ = vlm.generate(**encode_batch(tok, vlm.config, [prompt], images), max_new_tokens=8,
+                                 eos_token_id=tok.eos_token_id)
+        replies.append(tok.decode(tokens[0], skip_special_tokens=True))
+    tokens, _ = vlm.generate(**encode_batch(tok, vlm.config, [prompt], None), max_new_tokens=8,
+                             eos_token_id=tok.eos_token_id)
+    replies.append(tok.decode(tokens[0], skip_special_tokens=True))
+    assert replies == answers
+
+
 def test_each_example_reaches_the_vision_tower_at_its_drawn_layer(world, tmp_path, monkeypatch):
     seen = []
     original = VLM.vision_features
@@ -183,6 +207,10 @@ def test_bad_data_is_one_line_naming_file_and_line(world, tmp_path):
         (write("a.jsonl", good, "{not json"), r"a.jsonl:2: not valid JSON \(Expecting property name"),
         (write("b.jsonl", good, '{"image": "x.png", "prompt": 5, "response": "w6"}'),
          r"b.jsonl:2: field 'prompt' is 5, expected a string"),
+        (write("c.jsonl", json.dumps({"image": str(world / "images" / "0.png"), "prompt": "w5"})),
+         r"c.jsonl:1: field 'response' is missing, expected a string"),
+        (write("h.jsonl", json.dumps({"image": 3, "prompt": "w5", "response": "w6"})),
+         r"h.jsonl:1: field 'image' is 3, expected a string \(or null: no image\)"),
         (write("c.jsonl", json.dumps({"image": str(world / "images" / "0.png"), "prompt": "w5"})),
          r"c.jsonl:1: field 'response' is missing, expected a string"),
         (write("d.jsonl", json.dumps({"image": "nope.png", "prompt": "w5", "response": "w6"})),

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import tempfile
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
@@ -215,7 +216,23 @@ def config_to_hf(cfg):
 
 # measured on x86-64 only (elsewhere PyTorch's own BLAS choice stands); bench.py switches it off to time MKL
 ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-PACKED = {}  # id(weight) -> that weight in oneDNN's own layout, while packed_weights() holds it
+PACKED = {}  # id(weight) -> (weakref to weight, its version and address when packed, rows, packed copy)
+ACTIVE = {}  # id(weight) -> packed copy: what `linear` uses, while packed_weights() is entered
+
+
+def packed_copy(w, rows):
+    """w reordered by oneDNN for inputs of about `rows` rows, reordered once and reused for as long as w lives and is
+    unchanged. Every in-place write (an optimizer step, merge_lora's copy_, load_state_dict) bumps w._version, and
+    moving w (.to(), .data = ...) changes its address; either repacks. A write through w.data is not seen: it has
+    its own version counter (nothing here writes weights that way)."""
+    entry = PACKED.get(id(w))
+    if entry is not None and entry[0]() is w and entry[1:3] == (w._version, w.data_ptr()) and entry[3] == rows:
+        return entry[4]
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+    key = id(w)
+    # the copy goes when w goes: the callback drops it (a dead weight's id may be reused by a new tensor)
+    PACKED[key] = (weakref.ref(w, lambda _: PACKED.pop(key, None)), w._version, w.data_ptr(), rows, packed)
+    return packed
 
 
 def use_onednn(x):
@@ -226,18 +243,19 @@ def use_onednn(x):
 
 @contextmanager
 def packed_weights(modules, rows):
-    """While inside, `linear` multiplies by copies of the Linear weights of `modules` that oneDNN has reordered once,
-    for inputs of about `rows` rows, instead of reordering them at every call. A decode step of a few rows is bound by
+    """While inside, `linear` multiplies by copies of the Linear weights of `modules` that oneDNN has reordered for
+    inputs of about `rows` rows, instead of reordering them at every call. A decode step of a few rows is bound by
     reading the weights, and at 8 rows it runs ~1.5x faster this way (at 1 row there is no gain, so nothing is packed).
-    Costs a second copy of those weights while inside; no-grad only."""
+    The copies are kept between calls (packed_copy): a second copy of those weights for as long as they live, which
+    saves reordering all of them at every generate call. No-grad only."""
     weights = [m.weight for module in modules for m in module.modules() if isinstance(m, Linear)]
-    weights = [w for w in weights if rows > 1 and use_onednn(w)]
-    PACKED.update({id(w): torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows) for w in weights})
+    outer = dict(ACTIVE)
+    ACTIVE.update({id(w): packed_copy(w, rows) for w in weights if rows > 1 and use_onednn(w)})
     try:
         yield
     finally:
-        for w in weights:
-            PACKED.pop(id(w), None)
+        ACTIVE.clear()
+        ACTIVE.update(outer)
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -264,11 +282,11 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
-    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy if packed_weights holds one."""
+    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy inside packed_weights."""
     if not use_onednn(x):
         return F.linear(x, weight, bias)
-    if id(weight) in PACKED and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, PACKED[id(weight)], bias, "none", [], "")
+    if id(weight) in ACTIVE and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(weight)], bias, "none", [], "")
     return OneDNNLinear.apply(x, weight, bias)
 
 
@@ -452,7 +470,9 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
+            # the mask's key axis says how many cache positions are in use: a decode step attends to those only
             k, v = cache.update(self.layer_idx, cache_pos, k, v)
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         # grouped-query attention: each key/value head serves n_head // n_kv_head query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -887,7 +907,9 @@ class VLM(nn.Module):
         key_valid[:, :T0] = attention_mask.bool()
         k_pos = torch.arange(S, device=dev)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos, window), cache, k_pos[:T0])
+        prompt_pos = k_pos[:T0]
+        hidden = self.language_model(x, pos, build_mask(key_valid[:, :T0], prompt_pos, prompt_pos, window), cache,
+                                     prompt_pos)
         logits = self.response_logits(hidden[:, -1]).float()
         pos = pos[:, -1:]
         tokens, logprobs = [], []
@@ -902,11 +924,14 @@ class VLM(nn.Module):
                 done = done | torch.isin(tok, eos)
                 if bool(done.all()) or t == max_new_tokens - 1:
                     break
-                cur = k_pos[T0 + t:T0 + t + 1]
-                key_valid[:, T0 + t] = True
+                n = T0 + t + 1  # cache positions in use, this step's included
+                cur = k_pos[n - 1:n]
+                key_valid[:, n - 1] = True
                 pos = pos + 1
-                h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
-                                        build_mask(key_valid, cur, k_pos, window), cache, cur)
+                # the keys so far are all before this token: no causal mask to build, only padding (and a window)
+                mask = key_valid[:, None, None, :n] if window is None else \
+                    build_mask(key_valid[:, :n], cur, k_pos[:n], window)
+                h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos, mask, cache, cur)
                 logits = self.response_logits(h[:, -1]).float()
         tokens = torch.stack(tokens, 1)
         return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
@@ -962,7 +987,8 @@ def sample_token(logits, temperature, top_p, generator=None):
     """Draw one token per row from float32 logits (B, V); return it and its log-probability."""
     if temperature == 0:
         tok = logits.argmax(-1)
-        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+        # the chosen token's logit minus logsumexp: no (B, V) log_softmax for the one value per row that is kept
+        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
     logp = torch.log_softmax(logits / temperature, -1)
     probs = logp.exp()
     if top_p < 1.0:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, add_lora, atomic_torch_save, autocast,
+from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, MllamaConfig, add_lora, atomic_torch_save, autocast,
                    check_writable_dir, compute_init, copy_tokenizer_files, encode_prompt, fit_prompt, generator_for,
                    get_lr, image_token_count, load_image, load_resume_checkpoint, load_tokenizer, merge_lora, read_json,
                    read_jsonl, resolve_checkpoint, round_up, run_stage, save_lora, seed_for, strict_compile)
@@ -278,6 +278,9 @@ def main():
     if compile:
         strict_compile()
     model = torch.compile(vlm, fullgraph=True, dynamic=False) if compile else vlm
+    # the eager llava decoder skips collate's right padding (VLM.unpadded_logits: the same loss, no work for the
+    # padding); mllama's decoder and a sliding window (Mistral) take the padded forward
+    skip_padding = {} if isinstance(cfg, MllamaConfig) or cfg.text.sliding_window is not None else {"unpadded": True}
     if ddp:
         model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 
@@ -290,7 +293,8 @@ def main():
                 loss = bucketed_sft_loss(net, input_ids.to(dev), pixels, layers, mask.to(dev), labels, n_target)
                 return loss, int(mask.sum())
             labels = labels.to(dev)
-            logits = net(input_ids.to(dev), pixels, layers, mask.to(dev), logits_at=target_positions(labels), **extras)
+            logits = net(input_ids.to(dev), pixels, layers, mask.to(dev), logits_at=target_positions(labels), **extras,
+                         **skip_padding)
             return sft_loss(logits, labels, n_target), int(mask.sum())
 
     @torch.no_grad()

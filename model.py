@@ -950,8 +950,9 @@ class VLM(nn.Module):
         k_pos = torch.arange(S, device=dev)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         prompt_pos = k_pos[:T0]
-        hidden = self.language_model(x, pos, build_mask(key_valid[:, :T0], prompt_pos, prompt_pos, window), cache,
-                                     prompt_pos)
+        with packed_weights([self.language_model], B):  # faster for the prompt's B * T0 rows too, the same values
+            hidden = self.language_model(x, pos, build_mask(key_valid[:, :T0], prompt_pos, prompt_pos, window), cache,
+                                         prompt_pos)
         logits = self.response_logits(hidden[:, -1]).float()
         pos = pos[:, -1:]
         tokens, logprobs = [], []

@@ -216,22 +216,25 @@ def config_to_hf(cfg):
 
 # measured on x86-64 only (elsewhere PyTorch's own BLAS choice stands); bench.py switches it off to time MKL
 ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-PACKED = {}  # id(weight) -> (weakref to weight, its version and address when packed, rows, packed copy)
-ACTIVE = {}  # id(weight) -> packed copy: what `linear` uses, while packed_weights() is entered
+PACKED = {}  # ids of weights packed together -> (weakrefs to them, their versions and addresses, rows, packed copy)
+ACTIVE = {}  # id(weight), or id(module) for its FUSED projections -> packed copy, while packed_weights() is entered
 
 
-def packed_copy(w, rows):
-    """w reordered by oneDNN for inputs of about `rows` rows, reordered once and reused for as long as w lives and is
-    unchanged. Every in-place write (an optimizer step, merge_lora's copy_, load_state_dict) bumps w._version, and
-    moving w (.to(), .data = ...) changes its address; either repacks. A write through w.data is not seen: it has
-    its own version counter (nothing here writes weights that way)."""
-    entry = PACKED.get(id(w))
-    if entry is not None and entry[0]() is w and entry[1:3] == (w._version, w.data_ptr()) and entry[3] == rows:
-        return entry[4]
-    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
-    key = id(w)
-    # the copy goes when w goes: the callback drops it (a dead weight's id may be reused by a new tensor)
-    PACKED[key] = (weakref.ref(w, lambda _: PACKED.pop(key, None)), w._version, w.data_ptr(), rows, packed)
+def packed_copy(weights, rows):
+    """The weights stacked along their output axis, reordered by oneDNN for inputs of about `rows` rows; reordered
+    once and reused for as long as they live and are unchanged. Every in-place write (an optimizer step, merge_lora's
+    copy_, load_state_dict) bumps a weight's _version, and moving it (.to(), .data = ...) changes its address; either
+    repacks. A write through w.data is not seen: it has its own version counter (nothing here writes weights so)."""
+    key = tuple(id(w) for w in weights)
+    state = [(w._version, w.data_ptr()) for w in weights]
+    entry = PACKED.get(key)
+    if entry is not None and all(r() is w for r, w in zip(entry[0], weights)) and entry[1:3] == (state, rows):
+        return entry[3]
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+    packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), rows)
+    # the copy goes when a weight goes: the callback drops it (a dead weight's id may be reused by a new tensor)
+    drop = lambda _: PACKED.pop(key, None)
+    PACKED[key] = ([weakref.ref(w, drop) for w in weights], state, rows, packed)
     return packed
 
 
@@ -246,16 +249,35 @@ def packed_weights(modules, rows):
     """While inside, `linear` multiplies by copies of the Linear weights of `modules` that oneDNN has reordered for
     inputs of about `rows` rows, instead of reordering them at every call. A decode step of a few rows is bound by
     reading the weights, and at 8 rows it runs ~1.5x faster this way (at 1 row there is no gain, so nothing is packed).
-    The copies are kept between calls (packed_copy): a second copy of those weights for as long as they live, which
-    saves reordering all of them at every generate call. No-grad only."""
-    weights = [m.weight for module in modules for m in module.modules() if isinstance(m, Linear)]
+    A module's FUSED projections of one input (q, k and v; gate and up), when all plain bias-free Linears, are stacked
+    into one matmul (`project`): fewer, larger matmuls, ~5% faster. The copies are kept between calls (packed_copy):
+    a second copy of those weights for as long as they live, which saves reordering them at every generate call.
+    No-grad only."""
     outer = dict(ACTIVE)
-    ACTIVE.update({id(w): packed_copy(w, rows) for w in weights if rows > 1 and use_onednn(w)})
+    if rows > 1:
+        fused = set()
+        for module in modules:
+            for m in module.modules():
+                linears = [getattr(m, name) for name in getattr(m, "FUSED", ())]
+                if linears and all(type(l) is Linear and l.bias is None and use_onednn(l.weight) for l in linears):
+                    ACTIVE[id(m)] = packed_copy([l.weight for l in linears], rows)
+                    fused.update(id(l) for l in linears)
+        ACTIVE.update({id(m.weight): packed_copy([m.weight], rows) for module in modules for m in module.modules()
+                       if isinstance(m, Linear) and id(m) not in fused and use_onednn(m.weight)})
     try:
         yield
     finally:
         ACTIVE.clear()
         ACTIVE.update(outer)
+
+
+def project(module, x, *linears):
+    """[linear(x) for linear in linears], in one matmul by the stacked copy that packed_weights made for module's FUSED
+    projections, where it made one."""
+    if id(module) in ACTIVE and use_onednn(x) and not torch.is_grad_enabled():
+        y = torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(module)], None, "none", [], "")
+        return y.split([l.out_features for l in linears], -1)
+    return [l(x) for l in linears]
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -453,6 +475,8 @@ class KVCache(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    FUSED = ("q_proj", "k_proj", "v_proj")  # projections of the same input that packed_weights may stack
+
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -467,9 +491,10 @@ class LlamaAttention(nn.Module):
         if x.dim() == 2:
             return self.forward_unpadded(x, cos, sin, mask)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = project(self, x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             # the mask's key axis says how many cache positions are in use: a decode step attends to those only
@@ -495,6 +520,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    FUSED = ("gate_proj", "up_proj")
+
     def __init__(self, cfg):
         super().__init__()
         b = cfg.mlp_bias
@@ -503,7 +530,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = project(self, x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class LlamaLayer(nn.Module):

@@ -586,8 +586,8 @@ def test_generation_on_packed_onednn_weights_equals_generation_on_f_linear(ckpt,
         monkeypatch.setattr(model, "ONEDNN", onednn)
         runs.append(vlm.generate(ids, pixel_values=pv, max_new_tokens=6, temperature=1.0, return_logprobs=True,
                                  generator=torch.Generator().manual_seed(0)))
-    n_linear = 7 * vlm.config.text.num_hidden_layers + 1  # q, k, v, o, gate, up, down in each layer, and the head
-    assert packed_calls == [3] * n_linear and model.ACTIVE == {}  # packed for the decode steps, used only there
+    n_packed = 4 * vlm.config.text.num_hidden_layers + 1  # q-k-v, o, gate-up, down in each layer, and the head
+    assert packed_calls == [3] * n_packed and model.ACTIVE == {}  # packed for generate, used only there
     assert torch.equal(runs[0][0], runs[1][0]) and maxdiff(runs[0][1], runs[1][1]) <= TOL
 
 
@@ -626,14 +626,16 @@ def test_packed_weights_are_kept_between_calls_and_repacked_when_a_weight_change
                 if "lora_B" in name:
                     p.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
 
-    n_linear = 7 * n_layers + 1
+    n_packed = 4 * n_layers + 1  # q-k-v, o, gate-up and down stacked as packed_weights stacks them, and the head
     before = logprobs_packed_and_f_linear()
-    assert len(packed_calls) == n_linear
-    # each change, how many weights it must repack (adapters run unpacked beside their unchanged base weights), and
-    # whether it changes what is generated: where it does, a stale copy would differ from f.linear
+    assert len(packed_calls) == n_packed
+    # each change, how many copies it must pack, and whether it changes what is generated: where it does, a stale copy
+    # would differ from f.linear. A v_proj adapter unstacks q, k and v (the adapters run unpacked); down_proj's base
+    # weight is unchanged by its adapter; merging changes v's and down's base weights, and stacks q, k, v again
     for change, n_repacked, moves in [(lambda: None, 0, False), (sgd_step_on_a_base_weight, 1, True),
-                                      (add_trained_adapters, 0, True), (lambda: merge_lora(vlm), 2 * n_layers, False),
-                                      (lambda: vlm.load_state_dict(VLM.from_pretrained(path).state_dict()), n_linear,
+                                      (add_trained_adapters, 3 * n_layers, True),
+                                      (lambda: merge_lora(vlm), 2 * n_layers, False),
+                                      (lambda: vlm.load_state_dict(VLM.from_pretrained(path).state_dict()), n_packed,
                                        True)]:
         n_calls = len(packed_calls)
         change()

@@ -513,8 +513,9 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        rows = [F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in qkv), is_causal=True,
-                                               enable_gqa=self.n_kv_head != self.n_head).transpose(0, 1)
+        # each row as a batch of one (B, H, T, hd): SDPA's flash kernel, not the slower math one it picks for 3-D inputs
+        rows = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True,
+                                               enable_gqa=self.n_kv_head != self.n_head)[0].transpose(0, 1)
                 for qkv in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return self.o_proj(torch.cat(rows).reshape(N, -1))
 

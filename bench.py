@@ -8,8 +8,8 @@ On a CPU (shape "smol"): the smol world's base model, data/smol/smol-llava-base 
    speed);
 2. one LoRA training step (r=16 on q/k/v/o, AdamW, loss on the last 64 tokens), ours vs transformers + peft;
 3. one step of sft.py's safety stage (config/smol_sft.py's LoRA, sft.py's loss, right-padded rows of the safety
-   data's lengths): ours, ours with the decoder on the padding too (the step before unpadded_logits), ours on MKL
-   matmuls (model.ONEDNN off: the path before oneDNN), and transformers + peft.
+   data's lengths): ours, ours with the decoder on the padding too (the step before unpadded_logits), that on MKL
+   matmuls (model.ONEDNN off: the step before oneDNN and unpadding), and transformers + peft.
 Timings are the best of `repeats` runs, ours and theirs alternating, so that both sides of a ratio see the same
 machine load; run with OMP_NUM_THREADS=1 on a shared machine.
 
@@ -253,7 +253,7 @@ def smol_bench():
     def ours_mkl():
         model.ONEDNN = False
         try:
-            return steps["ours"]()
+            return steps["ours_padded"]()
         finally:
             model.ONEDNN = True
 

@@ -989,10 +989,11 @@ class VLM(nn.Module):
         # each decode step reads every weight for a few rows: on oneDNN, weights packed once (see packed_weights)
         with packed_weights([self.language_model, self.lm_head], B):
             for t in range(max_new_tokens):
-                tok, lp = sample_token(logits, temperature, top_p, generator)
+                tok, lp = sample_token(logits, temperature, top_p, generator, return_logprobs)
                 tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
                 tokens.append(tok)
-                logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+                if return_logprobs:
+                    logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
                 done = done | torch.isin(tok, eos)
                 if bool(done.all()) or t == max_new_tokens - 1:
                     break
@@ -1055,10 +1056,13 @@ class VLM(nn.Module):
                 json.dump(config_to_hf(self.config), f, indent=2)
 
 
-def sample_token(logits, temperature, top_p, generator=None):
-    """Draw one token per row from float32 logits (B, V); return it and its log-probability."""
+def sample_token(logits, temperature, top_p, generator=None, logprob=True):
+    """Draw one token per row from float32 logits (B, V); return it and its log-probability (greedy with
+    logprob=False: None, as argmax needs no normalisation)."""
     if temperature == 0:
         tok = logits.argmax(-1)
+        if not logprob:
+            return tok, None
         # the chosen token's logit minus logsumexp: no (B, V) log_softmax for the one value per row that is kept
         return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
     logp = torch.log_softmax(logits / temperature, -1)

@@ -287,6 +287,9 @@ def main():
     if compile:
         strict_compile()
     model = torch.compile(vlm, fullgraph=True, dynamic=False) if compile else vlm
+    # the eager llava decoder skips collate's right padding (VLM.unpadded_logits: the same loss, no work for the
+    # padding); mllama's decoder and a sliding window (Mistral) take the padded forward
+    skip_padding = {} if isinstance(cfg, MllamaConfig) or cfg.text.sliding_window is not None else {"unpadded": True}
     if ddp:
         model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 
@@ -303,7 +306,8 @@ def main():
                 loss = bucketed_sft_loss(net, input_ids.to(dev), pixels, layers, mask.to(dev), labels, n_target)
                 return loss, int(mask.sum())
             labels = labels.to(dev)
-            logits = net(input_ids.to(dev), pixels, layers, mask.to(dev), logits_at=target_positions(labels), **extras)
+            logits = net(input_ids.to(dev), pixels, layers, mask.to(dev), logits_at=target_positions(labels), **extras,
+                         **skip_padding)
             return sft_loss(logits, labels, n_target), int(mask.sum())
 
     @torch.no_grad()

@@ -586,6 +586,60 @@ def test_generation_on_packed_onednn_weights_equals_generation_on_f_linear(ckpt,
         monkeypatch.setattr(model, "ONEDNN", onednn)
         runs.append(vlm.generate(ids, pixel_values=pv, max_new_tokens=6, temperature=1.0, return_logprobs=True,
                                  generator=torch.Generator().manual_seed(0)))
-    n_linear = 7 * vlm.config.text.num_hidden_layers + 1  # q, k, v, o, gate, up, down in each layer, and the head
-    assert packed_calls == [3] * n_linear and model.PACKED == {}  # packed for the decode steps, dropped after
+    n_packed = 4 * vlm.config.text.num_hidden_layers + 1  # q-k-v, o, gate-up, down in each layer, and the head
+    assert packed_calls == [3] * n_packed and model.ACTIVE == {}  # packed for generate, used only there
     assert torch.equal(runs[0][0], runs[1][0]) and maxdiff(runs[0][1], runs[1][1]) <= TOL
+
+
+@needs_onednn
+def test_packed_weights_are_kept_between_calls_and_repacked_when_a_weight_changes(ckpt, monkeypatch):
+    """A stale packed copy would silently generate from old weights: after each way a weight changes (a training step
+    on it, merge_lora, load_state_dict), generation on the kept copies must equal generation on f.linear."""
+    path, _ = ckpt
+    vlm = VLM.from_pretrained(path)
+    n_layers = vlm.config.text.num_hidden_layers
+    ids, pv = torch.tensor(prompt_ids((4, 4, 4))), pixels(3)
+    packed_calls = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
+                        lambda w, rows: packed_calls.append(rows) or reorder(w, rows))
+
+    def logprobs_packed_and_f_linear():
+        out = []
+        for onednn in (True, False):
+            monkeypatch.setattr(model, "ONEDNN", onednn)
+            out.append(vlm.generate(ids, pixel_values=pv, max_new_tokens=6, temperature=1.0, return_logprobs=True,
+                                    generator=torch.Generator().manual_seed(0)))
+        assert torch.equal(out[0][0], out[1][0]) and maxdiff(out[0][1], out[1][1]) <= TOL
+        return out[0][1]
+
+    def sgd_step_on_a_base_weight():
+        q = vlm.language_model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+        q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+        torch.optim.SGD([q], lr=1.0).step()
+        q.requires_grad_(False)
+
+    def add_trained_adapters():
+        add_lora(vlm, targets=("v_proj", "down_proj"), r=4, alpha=8)
+        with torch.no_grad():
+            for name, p in vlm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+
+    n_packed = 4 * n_layers + 1  # q-k-v, o, gate-up and down stacked as packed_weights stacks them, and the head
+    before = logprobs_packed_and_f_linear()
+    assert len(packed_calls) == n_packed
+    # each change, how many copies it must pack, and whether it changes what is generated: where it does, a stale copy
+    # would differ from f.linear. A v_proj adapter unstacks q, k and v (the adapters run unpacked); down_proj's base
+    # weight is unchanged by its adapter; merging changes v's and down's base weights, and stacks q, k, v again
+    for change, n_repacked, moves in [(lambda: None, 0, False), (sgd_step_on_a_base_weight, 1, True),
+                                      (add_trained_adapters, 3 * n_layers, True),
+                                      (lambda: merge_lora(vlm), 2 * n_layers, False),
+                                      (lambda: vlm.load_state_dict(VLM.from_pretrained(path).state_dict()), n_packed,
+                                       True)]:
+        n_calls = len(packed_calls)
+        change()
+        after = logprobs_packed_and_f_linear()
+        assert len(packed_calls) - n_calls == n_repacked
+        assert (maxdiff(after, before) > 1e-3) == moves
+        before = after

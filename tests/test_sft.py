@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import sft
 import tiny
-from model import VLM, InputError, encode_batch, load_image, load_tokenizer
+from model import VLM, InputError, add_lora, encode_batch, load_image, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [("w10 w11 w12", "w40 w41 w42 w43"), ("w13 w14", "w50 w51"),
@@ -94,6 +94,38 @@ def test_long_prompt_is_cut_from_the_left_never_the_image(world, capsys):
     assert capsys.readouterr().out.count("cut from the left") == 1
     with pytest.raises(InputError, match=r"x.jsonl:1: the image tokens, chat template and response need 22 tokens"):
         sft.tokenize_examples(rows, tok, cfg, n_image + 4)
+
+
+def test_the_unpadded_forward_gives_the_padded_loss_and_gradients(world):
+    """The training step runs the decoder on the real tokens only (VLM.unpadded_logits): for the same examples, the
+    loss and every LoRA gradient are those of the padded forward."""
+    tok = load_tokenizer(world / "tiny")
+    vlm = add_lora(VLM.from_pretrained(world / "tiny"), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in vlm.named_parameters():
+            if "lora_B" in name:  # trained adapters: the gradients of A are then not zero
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    rows = [("w10 w11 w12 w13 w14 w15 w16", "w40 w41 w42 w43 w44 w45"), ("w13", "w50"), ("w15 w16", "w60 w61 w62"),
+            ("w19 w20 w21", "w70")]
+    examples = [dict(zip(("input_ids", "labels"), sft.build_example(tok, vlm.config, p, r, 256))) for p, r in rows]
+    ids, labels, mask = sft.collate(examples, tiny.PAD_TOKEN)
+    assert (mask == 0).sum() >= 20  # there is padding to skip
+    pv = torch.randn(len(examples), 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    layers, n_target = [1, 2, -2, 3], sft.count_targets(examples)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    runs = []
+    for unpadded in (False, True):
+        logits = vlm(ids, pv, layers, mask, logits_at=sft.target_positions(labels), unpadded=unpadded)
+        loss = sft.sft_loss(logits, labels, n_target)
+        grads = torch.autograd.grad(loss, params)
+        runs.append([loss] + list(grads))
+    assert all(g.abs().max() > 1e-4 for g in runs[0][1:])
+    for padded, unpadded in zip(*runs):
+        assert (padded - unpadded).abs().max().item() <= 1e-5
+    left = mask.flip(1)  # left padding is not what collate makes: refused, not silently wrong
+    with pytest.raises(InputError, match="not right padding"):
+        vlm(ids, pv, layers, left, logits_at=sft.target_positions(labels) & left.bool(), unpadded=True)
 
 
 def test_data_order_and_layers_depend_only_on_seed_and_step():

@@ -163,7 +163,8 @@ def test_text_only_rows_train_beside_image_rows_and_images_reach_their_own_rows(
     rows.append({"image": None, "prompt": prompt, "response": answers[2]})
     (world / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     use_config(monkeypatch, init_from=str(world / "tiny"), data=str(world / "mixed.jsonl"), max_iters=60,
-               batch_size=3, out_dir=str(tmp_path / "out"), merge_at_end=True, merged_dir=str(tmp_path / "merged"))
+               batch_size=3, train_projector=True, out_dir=str(tmp_path / "out"), merge_at_end=True,
+               merged_dir=str(tmp_path / "merged"))
     sft.main()
     vlm, tok = VLM.from_pretrained(tmp_path / "merged"), load_tokenizer(tmp_path / "merged")
     replies = []

@@ -894,14 +894,9 @@ class VLM(nn.Module):
         With padding, pass attention_mask: positions then count from each row's first real token,
         so a left-padded row gives the same result as that row alone. LLaVA-NeXT also needs image_sizes.
         """
-        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)
-        B, T = input_ids.shape
         if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        idx = torch.arange(T, device=input_ids.device)
-        return self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx,
-                                                              self.config.text.sliding_window))
+            attention_mask = torch.ones_like(input_ids)
+        return decoder_states(self, self.embed(input_ids, pixel_values, image_layer, image_sizes), attention_mask)
 
     def unpadded_logits(self, input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes=None):
         """forward(..., logits_at=logits_at) of right-padded rows (sft.collate's), with the decoder run on the real
@@ -1216,8 +1211,9 @@ def generate_static(vlm, input_ids, attention_mask, pixel_values, image_layer, m
 
 
 def decoder_states(vlm, x, attention_mask):
-    """VLM.hidden_states after the embedding: the decoder on embeddings x (B, T, D). A compiled training forward
-    calls this on vlm.embed's output, so that the image side, with its checks and per-row layers, stays eager."""
+    """VLM.hidden_states after the embedding: the decoder on embeddings x (B, T, D); with padding, positions count
+    from each row's first real token. A compiled training forward calls this on vlm.embed's output, so that the image
+    side, with its checks and per-row layers, stays eager."""
     T = x.shape[1]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     idx = torch.arange(T, device=x.device)

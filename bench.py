@@ -275,10 +275,12 @@ def build_pair(hf_cls, hf_cfg, ours_cls, cfg, rename):
     with torch.device(device):
         hf = hf_cls(hf_cfg).eval()
     torch.set_default_dtype(torch.float32)
+    # ours shares every tensor with transformers' model: no second copy of the 7B weights
     with torch.device("meta"):
         vlm = ours_cls(cfg)
     sd = {rename(k): v for k, v in hf.state_dict().items() if "post_layernorm" not in k}
-    vlm.load_state_dict(sd, strict=True, assign=True)
+    missing, unexpected = vlm.load_state_dict(sd, strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # a tied head is the embedding
     vlm.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
     report(what="weights", family=family_name(vlm), params_b=sum(p.numel() for p in hf.parameters()) / 1e9,
            mem_gb=torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None)
@@ -286,7 +288,9 @@ def build_pair(hf_cls, hf_cfg, ours_cls, cfg, rename):
 
 
 def family_name(vlm):
-    return "mllama" if isinstance(vlm, MllamaVLM) else "llava_next"
+    if isinstance(vlm, MllamaVLM):
+        return "mllama"
+    return "llava" if vlm.config.image_grid_pinpoints is None else "llava_next"
 
 
 def report_parity(vlm, ours, ref, **kw):
@@ -449,21 +453,7 @@ if shape == "tiny":
     cfg.text = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4)
 from transformers import LlavaConfig, LlavaForConditionalGeneration
-hf_cfg = LlavaConfig.from_dict(config_to_hf(cfg))
-torch.set_default_dtype(dtype)
-with torch.device(device):
-    hf = LlavaForConditionalGeneration(hf_cfg).eval()
-torch.set_default_dtype(torch.float32)
-# ours shares every tensor with transformers' model: no second copy of the 7B weights
-with torch.device("meta"):
-    vlm = VLM(cfg)
-sd = {from_hf_key(k): v for k, v in hf.state_dict().items() if "post_layernorm" not in k}
-missing, unexpected = vlm.load_state_dict(sd, strict=False, assign=True)
-assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-vlm.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
-vlm.eval()
-report(what="weights", params_b=sum(p.numel() for p in hf.parameters()) / 1e9,
-       mem_gb=torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None)
+hf, vlm = build_pair(LlavaForConditionalGeneration, LlavaConfig.from_dict(config_to_hf(cfg)), VLM, cfg, from_hf_key)
 
 # a batch: BOS, some text, 576 image tokens, some text (all rows the same length here)
 g = torch.Generator().manual_seed(seed)

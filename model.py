@@ -509,9 +509,8 @@ class LlamaAttention(nn.Module):
         Each row attends causally within itself: is_causal lets SDPA skip the masked half that a padded mask makes
         it compute, which more than pays for one call per row."""
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(N, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
+        q, k, v = project(self, x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = q.view(N, self.n_head, -1), k.view(N, self.n_kv_head, -1), v.view(N, self.n_kv_head, -1)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         # each row as a batch of one (B, H, T, hd): SDPA's flash kernel, not the slower math one it picks for 3-D inputs
         rows = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True,

@@ -297,7 +297,7 @@ def main():
         input_ids, labels, mask = collate(examples, cfg.pad_token_id, LENGTH_BUCKET if compile else 1)
         # text-only rows have no image tokens: the images, and their layers, are those of the other rows, in order
         seen = [i for i, e in enumerate(examples) if e["image"]]
-        layers = [layers[i] for i in seen] if isinstance(layers, list) else layers
+        layers = [layers[i] for i in seen]
         images = encode_images(vlm, [load_image(examples[i]["image"]) for i in seen], input_ids[seen]) if seen else {}
         pixels, extras = images.pop("pixel_values", None), {k: v.to(dev) for k, v in images.items()}
         pixels = None if pixels is None else pixels.to(dev)

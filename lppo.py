@@ -249,7 +249,7 @@ out_dir = "out/lppo-smol"
 resume = False
 save_merged = False                         # also write a merged llava-hf checkpoint at the end
 # L-PPO: the image-encoder layer whose features the policy sees (an int, or a list: one drawn per rollout)
-image_layer = 2
+image_layer = 1                             # the smol world's most vulnerable layer (its ICET sweep)
 # rollout
 batch_size = 16                             # rollouts per rank per iteration
 max_new_tokens = 32

@@ -5,12 +5,12 @@ reward_model = "out/smol-rm"
 # harmful requests drawn twice as often as benign ones (62% of rollouts): the natural mix or harmful requests
 # alone tipped the policy towards complying or refusing everything (docs/tuning.md)
 prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
-eval_harmful = "data/smol/harmful_test.jsonl"  # refusal at layer 2 and the default layer (-2 = 11), every eval
+eval_harmful = "data/smol/harmful_test.jsonl"  # refusal at the trained layer and the default layer (-2 = 11), every eval
 eval_benign = "data/smol/benign_test.jsonl"  # over-refusal at the default layer
-eval_vqa = "data/smol/vqa/vqa_test.jsonl"  # smol-VQA accuracy at layer 2 and the default layer (data/smol/vqa.py)
+eval_vqa = "data/smol/vqa/vqa_test.jsonl"  # smol-VQA accuracy at the trained layer and the default layer (data/smol/vqa.py)
 out_dir = "out/lppo-smol"
 
-image_layer = 2
+image_layer = 1  # the most vulnerable layer of the sweep (docs/smol-results.md)
 
 batch_size = 16
 max_new_tokens = 32

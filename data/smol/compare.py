@@ -25,7 +25,7 @@ from reward import RewardModel  # noqa: E402
 model = "data/smol/smol-llava"
 adapter = ""  # adapter.safetensors of lppo.py or sft.py; "" = the model as it is
 reward_model = "out/smol-rm"
-groups = {"early": [0, 2], "middle": [5], "late": [9], "default": [11]}
+groups = {"early": [0, 1, 2], "middle": [5], "late": [9], "default": [11]}
 max_new_tokens = 32
 out = "out/compare.json"
 

@@ -5,7 +5,7 @@ Builds the whole smol world, in order, each stage once: what exists is kept, wha
     2. smol-VQA  data/smol/vqa/                        procedural images with questions                (vqa.py)
     3. tower     data/smol/smol-llava-vision-tower/    the tower pretrained to see them        (pretrain_vision.py)
     4. vision    data/smol/smol-llava-vision/          projector + LoRA: the LM reads the images (sft.py, smol_vision)
-    5. safety    data/smol/sft_train.jsonl, smol-llava/  refusals taught at the default layer  (sft.py, smol_sft)
+    5. safety    data/smol/sft_train.jsonl, smol-llava/  refusals taught at the default layer, half-way (sft.py, smol_sft)
     6. rewards   data/smol/prefs_*.jsonl, out/smol-rm/  preference pairs and the reward model (reward.py, smol_rm)
 
 Every stage runs in this process, with its config file, as `python stage.py config/...` would run it.

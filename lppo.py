@@ -240,7 +240,7 @@ init_from = "data/smol/smol-llava"          # llava checkpoint folder or hub id:
 reward_model = "out/smol-rm"                # reward.py checkpoint folder (GPT-2 or Llama backbone)
 # training prompts: JSONL files of {"image", "prompt"}, image paths relative to image_root ("" = each file's folder);
 # rows are drawn uniformly from all files together, so a file listed twice is drawn twice as often
-prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
+prompt_files = ["data/smol/harmful_train.jsonl"] * 7 + ["data/smol/benign_train.jsonl"] * 4  # 58.5% harmful
 image_root = ""
 eval_harmful = "data/smol/harmful_test.jsonl"   # held out: never trained on
 eval_benign = "data/smol/benign_test.jsonl"

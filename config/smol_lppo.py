@@ -2,9 +2,9 @@
 # Run: python lppo.py   (how these settings were chosen: docs/tuning.md; what they give: docs/smol-results.md)
 init_from = "data/smol/smol-llava"
 reward_model = "out/smol-rm"
-# harmful requests drawn twice as often as benign ones (62% of rollouts): the natural mix or harmful requests
-# alone tipped the policy towards complying or refusing everything (docs/tuning.md)
-prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
+# the harmful file listed 7 times, the benign one 4 times: 58.5% of rollouts are harmful requests. More harmful
+# rollouts buy safety with over-refusal, more benign ones the reverse (docs/tuning.md)
+prompt_files = ["data/smol/harmful_train.jsonl"] * 7 + ["data/smol/benign_train.jsonl"] * 4
 eval_harmful = "data/smol/harmful_test.jsonl"  # refusal at the trained layer and the default layer (-2 = 11), every eval
 eval_benign = "data/smol/benign_test.jsonl"  # over-refusal at the default layer
 eval_vqa = "data/smol/vqa/vqa_test.jsonl"  # smol-VQA accuracy at the trained layer and the default layer (data/smol/vqa.py)

@@ -350,8 +350,8 @@ def main():
         raise InputError(f"{no_image[0]}: no image; L-PPO needs an image for every prompt")
     open_images(all_rows)
     if len(train_rows) < batch_size * world_size:
-        raise InputError(f"{', '.join(prompt_files)}: {len(train_rows)} prompts, expected at least batch_size x ranks "
-                         f"= {batch_size * world_size}")
+        raise InputError(f"{', '.join(dict.fromkeys(prompt_files))}: {len(train_rows)} prompts, expected at least "
+                         f"batch_size x ranks = {batch_size * world_size}")
     max_prompt_len = prompt_room(tok, vlm.config, [r["prompt"] for r in all_rows],
                                  max(max_new_tokens, eval_max_new_tokens))
     vlm.add_value_head()

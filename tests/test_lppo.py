@@ -160,6 +160,11 @@ def test_missing_image_and_empty_prompt_set_are_named(world, tmp_path):
     empty.write_text("")
     p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{empty}']")
     assert p.returncode == 1 and "empty.jsonl: 0 prompts" in p.stderr.strip().splitlines()[-1]
+    short = tmp_path / "short.jsonl"  # listed twice: drawn twice as often, still too few for one batch of 4
+    short.write_text(json.dumps({"prompt": "w5", "image": "images/0.png"}) + "\n")
+    p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{short}', '{short}']", f"--image_root={world}")
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and last == f"error: {short}: 2 prompts, expected at least batch_size x ranks = 4", last
 
 
 def test_an_empty_eval_set_a_corrupt_image_and_an_out_dir_that_is_a_file_fail_at_start_up(world, tmp_path):

@@ -5,8 +5,6 @@
 #          --out_dir=out/eval-smol-all-after --before_dir=out/eval-smol-before    (refusal at every layer)
 exec(open("config/smol_lppo.py").read())
 image_layer = list(range(0, 13))
-# its results (docs/smol-results.md) were measured with harmful requests drawn twice as often as benign ones (62%)
-prompt_files = ["data/smol/harmful_train.jsonl", "data/smol/harmful_train.jsonl", "data/smol/benign_train.jsonl"]
 out_dir = "out/lppo-smol-all"
 # refusal at all 13 layers on every eval would take longer than the training: evaluate.py measures it after,
 # and the run itself checks benign over-refusal at the start and the end

@@ -1,5 +1,6 @@
-"""Every file in config/ sets only keys its stage knows, with values of the types the stage expects, so that
-`python stage.py config/x.py` fails on no config line (the configurator would stop it with one line)."""
+"""Every file in config/ passes its stage's own configurator (known keys, the expected types, positive counts,
+allowed choices), so that `python stage.py config/x.py` fails on no config line; and config/smol_lppo.py, which
+spells out lppo.py's defaults, still equals them."""
 import importlib
 import os
 import sys
@@ -25,17 +26,29 @@ def test_every_config_file_names_its_stage():
     assert names == set(STAGE)
 
 
-@pytest.mark.parametrize("name", sorted(STAGE))
-def test_a_config_sets_only_its_stages_keys_with_the_expected_types(name, monkeypatch):
+def stage_settings(name, monkeypatch):
+    """The stage module's globals after the configurator has run on config/<name>.py, as `python stage.py
+    config/<name>.py` would: unknown keys, wrong types, non-positive counts and bad choices stop it with one line."""
     monkeypatch.chdir(root)  # a config may exec another by its path from the repository root
+    monkeypatch.setattr(sys, "argv", [STAGE[name] + ".py", os.path.join("config", name + ".py")])
+    namespace = dict(vars(importlib.import_module(STAGE[name])))
+    try:
+        exec(open(os.path.join(root, "configurator.py")).read(), namespace)
+    except SystemExit as e:
+        pytest.fail(str(e.code))
+    return namespace
+
+
+@pytest.mark.parametrize("name", sorted(STAGE))
+def test_a_config_passes_its_stages_configurator(name, monkeypatch):
+    stage_settings(name, monkeypatch)
+
+
+def test_the_smol_lppo_config_spells_out_lppos_defaults(monkeypatch):
+    # config/smol_lppo.py is `python lppo.py` with no config: a default changed in one must change in the other
     settings = {}
-    exec(open(os.path.join("config", name + ".py")).read(), {}, settings)
-    stage = importlib.import_module(STAGE[name])
-    unknown = set(settings) - set(stage.config_keys)
-    assert not unknown, f"config/{name}.py: keys {sorted(unknown)} are not {STAGE[name]}.py config keys"
-    widened = getattr(stage, "CONFIG_TYPES", {})
-    for key, value in settings.items():
-        default = getattr(stage, key)
-        allowed = widened.get(key) or ((int, float) if isinstance(default, float) else (type(default),))
-        assert default is None or isinstance(value, allowed), \
-            f"config/{name}.py: {key} = {value!r}, expected {' or '.join(t.__name__ for t in allowed)}"
+    monkeypatch.chdir(root)
+    exec(open("config/smol_lppo.py").read(), {}, settings)
+    lppo = importlib.import_module("lppo")
+    differ = {k: (v, getattr(lppo, k)) for k, v in settings.items() if v != getattr(lppo, k)}
+    assert not differ, f"config/smol_lppo.py differs from lppo.py's defaults (config, default): {differ}"

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, atomic_write_json, autocast,
                    bucketed_response_forward, check_writable_dir, compile_decode, compute_init, decoder_heads,
-                   encode_batch, entropy_from_logits, first_eos_mask, generate_responses, generator_for, get_lr,
-                   load_image, load_resume_checkpoint, load_tokenizer, logprobs_from_logits, lora_disabled, merge_lora,
+                   encode_batch, entropy_from_logits, first_eos_mask, generate_responses, generator_for, load_image,
+                   load_resume_checkpoint, load_tokenizer, logprobs_from_logits, lora_disabled, merge_lora,
                    open_images, prompt_room, read_prompt_jsonl, run_stage, save_lora, save_peft_adapter, seed_for,
                    strict_compile)
 from model import extend_per_token, image_extras  # the image inputs beyond pixel_values (image_sizes, mllama's)
@@ -152,21 +152,6 @@ def clipped_value_loss(values, old_values, returns, mask, clip_eps_v):
     return loss, clipfrac
 
 # -----------------------------------------------------------------------------
-# prompt batches
-
-
-def stratified_draw(groups, n, draw):
-    """n rows from groups [(weight, rows)], each group's count fixed at its share n·w/Σw, fractions rounded at random,
-    so every batch holds the same mix (a uniform draw over all rows varies it binomially: 9.4 ± 2 harmful of 16)."""
-    expected = [n * w / sum(w for w, _ in groups) for w, _ in groups]
-    counts = [int(e) for e in expected]
-    while sum(counts) < n:  # each leftover slot goes to a group by its fractional part, one slot per group at most
-        counts[draw.choices(range(len(groups)), [max(e - c, 0) for e, c in zip(expected, counts)])[0]] += 1
-    # file by file: dealt out to DDP ranks with a stride, rows[rank::world_size], each rank holds the mix too
-    return [row for (_, rows), c in zip(groups, counts) for row in draw.sample(rows, c)]
-
-
-# -----------------------------------------------------------------------------
 # the pieces of one iteration that touch the model. A rollout is one dict of (B, ...) tensors: the prompt batch
 # (input_ids, attention_mask, pixel_values and the family's image extras, see model.image_extras), the image layer of
 # each row (layers), the response (tokens, mask), and what PPO adds to it (old_logprobs, old_values, advantages,
@@ -254,9 +239,8 @@ def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_si
 init_from = "data/smol/smol-llava"          # llava checkpoint folder or hub id: the SFT policy and the reference
 reward_model = "out/smol-rm"                # reward.py checkpoint folder (GPT-2 or Llama backbone)
 # training prompts: JSONL files of {"image", "prompt"}, image paths relative to image_root ("" = each file's folder);
-# a file's share of each batch is its share of all rows, so a file listed twice is drawn twice as often
+# rows are drawn uniformly from all files together, so a file listed twice is drawn twice as often
 prompt_files = ["data/smol/harmful_train.jsonl"] * 7 + ["data/smol/benign_train.jsonl"] * 4  # 58.5% harmful
-stratify = True                             # every batch holds each file's share (False: a uniform draw over all rows)
 image_root = ""
 eval_harmful = "data/smol/harmful_test.jsonl"   # held out: never trained on
 eval_benign = "data/smol/benign_test.jsonl"
@@ -278,8 +262,6 @@ ppo_epochs = 2
 minibatch_size = 8                          # rollouts per optimizer step
 micro_batch_size = 8                        # rollouts per forward/backward
 learning_rate = 5e-4
-min_lr = 5e-4                               # cosine decay from learning_rate to min_lr at lr_decay_iters
-lr_decay_iters = 0                          # 0: max_iters (fix it to --resume into a longer run on the same schedule)
 weight_decay = 0.0
 grad_clip = 1.0
 gamma = 1.0
@@ -352,9 +334,6 @@ def main():
     for layer in image_layers:
         vlm.image_layer_index(layer)  # an out-of-range layer fails now
     default_layer = vlm.config.vision_feature_layer
-    # one group per file, weighted by its rows times how often it is listed
-    groups = [(prompt_files.count(p) * len(rows), rows) for p in dict.fromkeys(prompt_files)
-              for rows in [read_prompt_jsonl(p, image_root)]]
     train_rows = [row for path in prompt_files for row in read_prompt_jsonl(path, image_root)]
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         raise InputError(f"batch_size={batch_size} must be a multiple of minibatch_size={minibatch_size}, itself a "
@@ -373,10 +352,6 @@ def main():
     if len(train_rows) < batch_size * world_size:
         raise InputError(f"{', '.join(dict.fromkeys(prompt_files))}: {len(train_rows)} prompts, expected at least "
                          f"batch_size x ranks = {batch_size * world_size}")
-    for path, (w, rows) in zip(dict.fromkeys(prompt_files), groups):
-        share = -(-batch_size * world_size * w // sum(w for w, _ in groups))  # rounded up
-        if stratify and len(rows) < share:
-            raise InputError(f"{path}: {len(rows)} prompts, expected at least its share of batch_size x ranks, {share}")
     max_prompt_len = prompt_room(tok, vlm.config, [r["prompt"] for r in all_rows],
                                  max(max_new_tokens, eval_max_new_tokens))
     vlm.add_value_head()
@@ -436,9 +411,8 @@ def main():
         # 1. prompts, and the image layer l of each rollout (Eq. 10: the policy sees P(e_l) instead of P(e_L));
         #    one draw for all ranks, each rank taking its slice
         draw = random.Random(seed_for("prompts", seed, iter_num))
-        mine = slice(rank, None, world_size)
-        rows = (stratified_draw(groups, batch_size * world_size, draw) if stratify else
-                [train_rows[i] for i in draw.sample(range(len(train_rows)), batch_size * world_size)])[mine]
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        rows = [train_rows[i] for i in draw.sample(range(len(train_rows)), batch_size * world_size)][mine]
         layers = [vlm.image_layer_index(draw.choice(image_layers)) for _ in range(batch_size * world_size)][mine]
         ro = encode_batch(tok, vlm.config, [r["prompt"] for r in rows], [load_image(r["image"]) for r in rows],
                           device=dev, max_len=max_prompt_len)
@@ -474,8 +448,6 @@ def main():
         advantages, ro["returns"] = compute_gae(rewards, ro["old_values"], ro["mask"], gamma, lam)
         ro["advantages"] = masked_whiten(advantages, ro["mask"])
         # 7. K epochs of clipped PPO over shuffled minibatches (Eq. 7-9), gradients averaged over ranks
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(iter_num, learning_rate, 0, lr_decay_iters or max_iters, min_lr)
         try:
             stats = ppo_update(vlm, optimizer, ro, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
                                micro_batch_size=micro_batch_size, clip_eps=clip_eps, clip_eps_v=clip_eps_v,
@@ -493,8 +465,7 @@ def main():
                               for v in numbers.values()]) / world_size
         if ddp:
             dist.all_reduce(values)
-        log = dict(zip(numbers, values.tolist()), kl_coef=kl_ctl.value, lr=optimizer.param_groups[0]["lr"],
-                   t_rollout=t1 - t0, t_score=t2 - t1,
+        log = dict(zip(numbers, values.tolist()), kl_coef=kl_ctl.value, t_rollout=t1 - t0, t_score=t2 - t1,
                    t_update=t3 - t2, tok_per_s=int(ro["mask"].sum()) * world_size / (t1 - t0))
         if not log["kl"] <= max_kl:  # NaN fails this too
             bar.close()

@@ -103,15 +103,11 @@ def test_a_run_is_deterministic_under_a_seed_and_writes_its_outputs(world, tmp_p
 
 
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(world, tmp_path):
-    # with a decaying learning rate: iteration 2 runs at the rate of the 2-iteration schedule after the resume too
-    full = run_lppo(world, tmp_path / "full", "--max_iters=2", "--min_lr=1e-3")
-    part = run_lppo(world, tmp_path / "part", "--max_iters=1", "--min_lr=1e-3")
-    rest = run_lppo(world, tmp_path / "part", "--max_iters=2", "--min_lr=1e-3", "--resume")
+    full = run_lppo(world, tmp_path / "full", "--max_iters=2")
+    part = run_lppo(world, tmp_path / "part", "--max_iters=1")
+    rest = run_lppo(world, tmp_path / "part", "--max_iters=2", "--resume")
     assert full.returncode == part.returncode == rest.returncode == 0, rest.stderr[-2000:]
     assert "resumed from" in rest.stdout
-    for run in ("full", "part"):  # cosine from 1e-2 at iteration 1 to 1e-3 + (1e-2 - 1e-3) / 2 at iteration 2
-        history = json.loads((tmp_path / run / "history.json").read_text())["history"]
-        assert [h["lr"] for h in history[1:]] == pytest.approx([1e-2, 5.5e-3]), run
     cf, cp = trainable(tmp_path / "full"), trainable(tmp_path / "part")
     assert cp["iter_num"] == 2
     for k in cf["trainable"]:
@@ -169,16 +165,6 @@ def test_missing_image_and_empty_prompt_set_are_named(world, tmp_path):
     p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{short}', '{short}']", f"--image_root={world}")
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and last == f"error: {short}: 2 prompts, expected at least batch_size x ranks = 4", last
-    # listed 4 times beside 12 rows, one row is a quarter of the rows: its share of a batch of 4 is one prompt...
-    train = world / "train.jsonl"
-    p = run_lppo(world, tmp_path / "o", f"--prompt_files={[str(train)] + [str(short)] * 4}", f"--image_root={world}",
-                 "--max_iters=1")
-    assert p.returncode == 0, p.stderr[-1500:]
-    # ...listed 5 times, 5/17 of a batch of 4 rounds up to two prompts, and the file has one
-    p = run_lppo(world, tmp_path / "o", f"--prompt_files={[str(train)] + [str(short)] * 5}", f"--image_root={world}")
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 1 and last == f"error: {short}: 1 prompts, expected at least its share of batch_size x " \
-        "ranks, 2", last
 
 
 def test_an_empty_eval_set_a_corrupt_image_and_an_out_dir_that_is_a_file_fail_at_start_up(world, tmp_path):

@@ -1,12 +1,11 @@
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from lppo import (KLController, clipped_policy_loss, clipped_value_loss, compute_gae, compute_rewards, kl_penalty,
-                  masked_mean, masked_whiten, stratified_draw)
+                  masked_mean, masked_whiten)
 from model import entropy_from_logits, first_eos_mask, logprobs_from_logits
 from ranks import run_ranks
 
@@ -244,26 +243,3 @@ def test_entropy_matches_torch_categorical():
     for temperature in (0.7, 1.0):
         expected = torch.distributions.Categorical(logits=logits / temperature).entropy()
         torch.testing.assert_close(entropy_from_logits(logits, temperature), expected)
-
-# -----------------------------------------------------------------------------
-# prompt batches
-
-
-def test_stratified_draw_holds_each_files_share_in_every_batch_and_on_every_rank():
-    harmful, benign = [("h", i) for i in range(170)], [("b", i) for i in range(211)]
-    groups = [(7 * 170, harmful), (4 * 211, benign)]  # the default mix: 58.5% harmful, 9.36 of 16
-    counts = []
-    for seed in range(400):
-        rows = stratified_draw(groups, 16, random.Random(seed))
-        assert len(set(rows)) == 16  # no prompt twice in a batch
-        counts.append(sum(kind == "h" for kind, _ in rows))
-        for rank in range(2):  # two ranks of 8: 4.68 harmful each
-            assert sum(kind == "h" for kind, _ in rows[rank::2]) in (4, 5)
-    assert set(counts) == {9, 10}  # a uniform draw: 9.4 ± 2
-    assert sum(counts) / len(counts) == pytest.approx(16 * 1190 / 2034, abs=0.1)  # the fraction rounded at random
-    assert stratified_draw(groups, 16, random.Random(3)) == stratified_draw(groups, 16, random.Random(3))
-    # three files: every count is its share rounded down or up, and the leftover slots go to different files
-    groups = [(1, harmful), (1, benign), (1, [("x", i) for i in range(20)])]
-    for seed in range(50):
-        rows = stratified_draw(groups, 8, random.Random(seed))  # 2.67 each: 2, 3 and 3 in some order
-        assert len(rows) == 8 and sorted(sum(kind == k for kind, _ in rows) for k in "hbx") == [2, 3, 3]

@@ -334,7 +334,8 @@ def main():
     for layer in image_layers:
         vlm.image_layer_index(layer)  # an out-of-range layer fails now
     default_layer = vlm.config.vision_feature_layer
-    train_rows = [row for path in prompt_files for row in read_prompt_jsonl(path, image_root)]
+    files = {path: read_prompt_jsonl(path, image_root) for path in dict.fromkeys(prompt_files)}  # each read once
+    train_rows = [row for path in prompt_files for row in files[path]]  # a file listed twice, drawn twice as often
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         raise InputError(f"batch_size={batch_size} must be a multiple of minibatch_size={minibatch_size}, itself a "
                          f"multiple of micro_batch_size={micro_batch_size}")
@@ -344,13 +345,13 @@ def main():
         if not rows:
             raise InputError(f"{globals()['eval_' + name]}: no prompts; expected at least one held-out prompt (or "
                              f"eval_{name}='')")
-    all_rows = [r for rows in [train_rows, *eval_sets.values()] for r in rows]
+    all_rows = [r for rows in [*files.values(), *eval_sets.values()] for r in rows]  # checked and measured once
     no_image = [r["id"] for r in all_rows if r["image"] is None]
     if no_image:
         raise InputError(f"{no_image[0]}: no image; L-PPO needs an image for every prompt")
     open_images(all_rows)
     if len(train_rows) < batch_size * world_size:
-        raise InputError(f"{', '.join(dict.fromkeys(prompt_files))}: {len(train_rows)} prompts, expected at least "
+        raise InputError(f"{', '.join(files)}: {len(train_rows)} prompts, expected at least "
                          f"batch_size x ranks = {batch_size * world_size}")
     max_prompt_len = prompt_room(tok, vlm.config, [r["prompt"] for r in all_rows],
                                  max(max_new_tokens, eval_max_new_tokens))

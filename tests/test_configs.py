@@ -46,9 +46,6 @@ def test_a_config_passes_its_stages_configurator(name, monkeypatch):
 
 def test_the_smol_lppo_config_spells_out_lppos_defaults(monkeypatch):
     # config/smol_lppo.py is `python lppo.py` with no config: a default changed in one must change in the other
-    settings = {}
-    monkeypatch.chdir(root)
-    exec(open("config/smol_lppo.py").read(), {}, settings)
-    lppo = importlib.import_module("lppo")
-    differ = {k: (v, getattr(lppo, k)) for k, v in settings.items() if v != getattr(lppo, k)}
+    settings, lppo = stage_settings("smol_lppo", monkeypatch), importlib.import_module("lppo")
+    differ = {k: (settings[k], getattr(lppo, k)) for k in lppo.config_keys if settings[k] != getattr(lppo, k)}
     assert not differ, f"config/smol_lppo.py differs from lppo.py's defaults (config, default): {differ}"

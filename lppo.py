@@ -89,23 +89,6 @@ def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1
     return rewards, kl
 
 
-def draw_prompts(draw, n_rows, image_layers, n_rollouts, group_size):
-    """Row indices and image layers of n_rollouts rollouts: distinct prompts drawn by the random.Random `draw`, each
-    with a layer drawn from image_layers, each repeated group_size times side by side."""
-    picks = draw.sample(range(n_rows), n_rollouts // group_size)
-    layers = [draw.choice(image_layers) for _ in picks]
-    return [i for i in picks for _ in range(group_size)], [l for l in layers for _ in range(group_size)]
-
-
-def leave_one_out(scores, group_size):
-    """Each score minus the mean of the other scores of its group (RLOO, Ahmadian et al. 2024): the rollouts of one
-    prompt are consecutive, group_size at a time, so a response is judged against other answers to the same prompt."""
-    if group_size == 1:
-        return scores
-    g = scores.view(-1, group_size)
-    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).flatten()
-
-
 class KLController:
     """η: constant, or with a target KL adapted towards it, as in Ziegler et al. 2019."""
 
@@ -269,7 +252,6 @@ save_merged = False                         # also write a merged llava-hf check
 image_layer = 1                             # the smol world's most vulnerable layer (its ICET sweep)
 # rollout
 batch_size = 16                             # rollouts per rank per iteration
-group_size = 1                              # rollouts per prompt; > 1: scores judged within each prompt's group
 max_new_tokens = 32
 temperature = 0.7                           # rollouts are sampled, and scored, at this temperature
 top_p = 1.0                                 # must be 1: PPO scores rollouts under the untruncated distribution
@@ -292,7 +274,6 @@ kl_estimator = "k1"
 kl_target = 0.0                             # > 0: η adapts towards this KL per response (Ziegler et al. 2019)
 kl_horizon = 10000
 whiten_rewards = False
-whiten_advantages = True                    # False: advantages keep their size, so a settled policy moves less
 max_kl = 50.0                               # mean summed KL per response above which the run stops
 # LoRA on the language model
 lora_r = 8
@@ -314,7 +295,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and not 
                and isinstance(v, (int, float, bool, str, list, type(None)))]
 # what the configurator checks before any work is done
 CONFIG_TYPES = {"image_layer": (int, list)}
-POSITIVE = ("batch_size", "group_size", "minibatch_size", "micro_batch_size", "max_new_tokens", "temperature", "ppo_epochs",
+POSITIVE = ("batch_size", "minibatch_size", "micro_batch_size", "max_new_tokens", "temperature", "ppo_epochs",
             "learning_rate", "lora_r", "lora_alpha", "max_iters", "eval_interval", "eval_max_new_tokens",
             "checkpoint_interval", "clip_eps", "clip_eps_v", "kl_horizon")
 CHOICES = {"top_p": (1.0,), "dtype": ("float32", "bfloat16"), "kl_estimator": ("k1", "k2", "k3", "low-var", "abs")}
@@ -355,9 +336,6 @@ def main():
     default_layer = vlm.config.vision_feature_layer
     files = {path: read_prompt_jsonl(path, image_root) for path in dict.fromkeys(prompt_files)}  # each read once
     train_rows = [row for path in prompt_files for row in files[path]]  # a file listed twice, drawn twice as often
-    if batch_size % group_size:
-        raise InputError(f"batch_size={batch_size} must be a multiple of group_size={group_size}: a prompt's "
-                         f"rollouts stay on one rank")
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         raise InputError(f"batch_size={batch_size} must be a multiple of minibatch_size={minibatch_size}, itself a "
                          f"multiple of micro_batch_size={micro_batch_size}")
@@ -372,9 +350,9 @@ def main():
     if no_image:
         raise InputError(f"{no_image[0]}: no image; L-PPO needs an image for every prompt")
     open_images(all_rows)
-    if len(train_rows) < batch_size * world_size // group_size:
+    if len(train_rows) < batch_size * world_size:
         raise InputError(f"{', '.join(files)}: {len(train_rows)} prompts, expected at least "
-                         f"batch_size x ranks / group_size = {batch_size * world_size // group_size}")
+                         f"batch_size x ranks = {batch_size * world_size}")
     max_prompt_len = prompt_room(tok, vlm.config, [r["prompt"] for r in all_rows],
                                  max(max_new_tokens, eval_max_new_tokens))
     vlm.add_value_head()
@@ -433,11 +411,10 @@ def main():
         t0 = time.time()
         # 1. prompts, and the image layer l of each rollout (Eq. 10: the policy sees P(e_l) instead of P(e_L));
         #    one draw for all ranks, each rank taking its slice
-        #    group_size rollouts of each prompt, side by side, at one layer
         draw = random.Random(seed_for("prompts", seed, iter_num))
         mine = slice(rank * batch_size, (rank + 1) * batch_size)
-        picks, layers = draw_prompts(draw, len(train_rows), image_layers, batch_size * world_size, group_size)
-        rows, layers = [train_rows[i] for i in picks][mine], [vlm.image_layer_index(l) for l in layers][mine]
+        rows = [train_rows[i] for i in draw.sample(range(len(train_rows)), batch_size * world_size)][mine]
+        layers = [vlm.image_layer_index(draw.choice(image_layers)) for _ in range(batch_size * world_size)][mine]
         ro = encode_batch(tok, vlm.config, [r["prompt"] for r in rows], [load_image(r["image"]) for r in rows],
                           device=dev, max_len=max_prompt_len)
         ro["layers"] = torch.tensor(layers, device=dev)
@@ -460,7 +437,6 @@ def main():
             score_stats = [first[0].item(), (first[1] - first[0] ** 2).clamp(min=1e-8).sqrt().item()]
         # the value head starts at 0: scores in units of the starting policy's spread, mean 0 (Ziegler et al. 2019)
         shaped = (scores - score_stats[0]) / score_stats[1] if score_norm else scores
-        shaped = leave_one_out(shaped, group_size)  # group_size > 1: against the same prompt's other answers
         t2 = time.time()
         # 4. old logprobs and values (π_old, Eq. 5), reference logprobs (π_SFT: the adapters off), all at layer l
         ro["old_logprobs"], ro["old_values"], ref_logprobs = score_rollout(vlm, ro, temperature, micro_batch_size, ctx,
@@ -471,7 +447,7 @@ def main():
             rewards = masked_whiten(rewards, ro["mask"], shift_mean=False)
         # 6. GAE advantages and returns; advantages whitened over the response tokens of all ranks
         advantages, ro["returns"] = compute_gae(rewards, ro["old_values"], ro["mask"], gamma, lam)
-        ro["advantages"] = masked_whiten(advantages, ro["mask"]) if whiten_advantages else advantages
+        ro["advantages"] = masked_whiten(advantages, ro["mask"])
         # 7. K epochs of clipped PPO over shuffled minibatches (Eq. 7-9), gradients averaged over ranks
         try:
             stats = ppo_update(vlm, optimizer, ro, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,

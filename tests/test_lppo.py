@@ -141,7 +141,6 @@ def test_exploding_kl_stops_the_run_and_keeps_the_last_good_checkpoint(world, tm
     ("--micro_batch_size=-2", "micro_batch_size=-2; expected a number > 0"),
     ("--max_new_tokens=0", "max_new_tokens=0; expected a number > 0"),
     ("--lora_r=0", "lora_r=0; expected a number > 0"),
-    ("--group_size=3", "batch_size=4 must be a multiple of group_size=3"),
     ("--batch_size=None", "batch_size=None has type NoneType, expected int"),
     ("--image_layer=None", "image_layer=None has type NoneType, expected int or list"),
 ])
@@ -165,7 +164,7 @@ def test_missing_image_and_empty_prompt_set_are_named(world, tmp_path):
     short.write_text(json.dumps({"prompt": "w5", "image": "images/0.png"}) + "\n")
     p = run_lppo(world, tmp_path / "o", f"--prompt_files=['{short}', '{short}']", f"--image_root={world}")
     last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 1 and last == f"error: {short}: 2 prompts, expected at least batch_size x ranks / group_size = 4", last
+    assert p.returncode == 1 and last == f"error: {short}: 2 prompts, expected at least batch_size x ranks = 4", last
 
 
 def test_an_empty_eval_set_a_corrupt_image_and_an_out_dir_that_is_a_file_fail_at_start_up(world, tmp_path):
@@ -287,8 +286,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_any_step(tmp_path):
     assert "other rank" in torch.load(tmp_path / "r.pt.0")["outcome"]
 
 
-@pytest.mark.parametrize("group_size", [1, 4])  # 4: three prompts of four rollouts, each judged against its group
-def test_l_ppo_raises_the_reward_of_a_toy_reward_model_that_pays_for_the_response_token(world, tmp_path, group_size):
+def test_l_ppo_raises_the_reward_of_a_toy_reward_model_that_pays_for_the_response_token(world, tmp_path):
     # a one-layer Llama reward model whose attention and MLP write nothing: its score is a fixed price of the last
     # token of the transcript, here the one-token response (prices: mean 0, std 1, best 2.2)
     from safetensors.torch import load_file, save_file
@@ -312,7 +310,7 @@ def test_l_ppo_raises_the_reward_of_a_toy_reward_model_that_pays_for_the_respons
                  "--max_new_tokens=1", "--temperature=1.0", "--kl_coef=0.0", "--missing_eos_penalty=0.0",
                  "--batch_size=12", "--minibatch_size=12", "--micro_batch_size=12", "--ppo_epochs=4",
                  "--learning_rate=3e-2", "--max_iters=20", "--eval_interval=20", "--checkpoint_interval=20",
-                 "--eval_max_new_tokens=1", f"--group_size={group_size}")
+                 "--eval_max_new_tokens=1")
     assert p.returncode == 0, p.stderr[-2000:]
     scores = [h["score"] for h in json.loads((tmp_path / "o" / "history.json").read_text())["history"][1:]]
     assert sum(scores[-5:]) / 5 > scores[0] + 0.8, scores  # the mean price of the sampled token rises

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lppo import (KLController, clipped_policy_loss, clipped_value_loss, compute_gae, compute_rewards, draw_prompts,
-                  kl_penalty, leave_one_out, masked_mean, masked_whiten)
+from lppo import (KLController, clipped_policy_loss, clipped_value_loss, compute_gae, compute_rewards, kl_penalty,
+                  masked_mean, masked_whiten)
 from model import entropy_from_logits, first_eos_mask, logprobs_from_logits
 from ranks import run_ranks
 
@@ -148,29 +148,6 @@ def test_rewards_refuse_a_row_without_valid_tokens():
     zeros = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"rows \[1\]"):
         compute_rewards(torch.zeros(2), zeros, zeros, torch.tensor([[1, 0, 0], [0, 0, 0]]), 0.1)
-
-
-def test_leave_one_out_judges_each_score_against_its_own_groups_other_scores():
-    scores = torch.tensor([1.0, 2.0, 6.0, -1.0, -1.0, 5.0])
-    # groups of 3: [1, 2, 6] and [-1, -1, 5]; 1 - (2 + 6) / 2 = -3, ..., -1 - (-1 + 5) / 2 = -3, 5 - (-1 - 1) / 2 = 6
-    assert leave_one_out(scores, 3).tolist() == [-3.0, -1.5, 4.5, -3.0, -3.0, 6.0]
-    assert leave_one_out(scores, 2).tolist() == [-1.0, 1.0, 7.0, -7.0, -6.0, 6.0]
-    assert leave_one_out(scores, 1) is scores  # one rollout per prompt: the scores as they are
-    # a group whose answers all score alike teaches nothing, however high the score
-    assert leave_one_out(torch.tensor([4.0, 4.0, 4.0, 4.0]), 4).tolist() == [0.0] * 4
-
-
-def test_draw_prompts_repeats_each_prompt_and_its_layer_side_by_side_and_draws_as_before_with_groups_of_one():
-    import random
-    picks, layers = draw_prompts(random.Random(5), 50, [1, 3, 7], 12, 4)
-    assert len(picks) == len(layers) == 12 and len(set(picks)) == 3
-    for g in range(0, 12, 4):
-        assert len(set(picks[g:g + 4])) == 1 and len(set(layers[g:g + 4])) == 1
-    # group_size 1: 12 distinct rows, then one layer per row, the draw of the runs before groups existed
-    draw = random.Random(5)
-    old_picks = draw.sample(range(50), 12)
-    old_layers = [draw.choice([1, 3, 7]) for _ in range(12)]
-    assert draw_prompts(random.Random(5), 50, [1, 3, 7], 12, 1) == (old_picks, old_layers)
 
 
 def test_adaptive_kl_controller_on_hand_computed_values():

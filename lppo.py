@@ -245,9 +245,9 @@ image_root = ""
 eval_harmful = "data/smol/harmful_test.jsonl"   # held out: never trained on
 eval_benign = "data/smol/benign_test.jsonl"
 eval_vqa = "data/smol/vqa/vqa_test.jsonl"   # held-out VQA set (rows with "answers"): utility at each evaluation
-# > 0: the last val_size prompts of each training file are not trained on. At every evaluation the policy answers
-# them (greedy) at the trained and the default layers, and the adapters whose answers the reward model scores highest
-# are the run's result: a run ends at its best evaluation, not wherever its last iteration left it
+# > 0: val_size prompts spread evenly over each training file are not trained on. At every evaluation the policy
+# answers them (greedy) at the trained and the default layers, and the adapters whose answers the reward model scores
+# highest are the run's result: a run ends at its best evaluation, not wherever its last iteration left it
 val_size = 0
 out_dir = "out/lppo-smol"
 resume = False
@@ -342,8 +342,9 @@ def main():
     for path, rows in files.items():
         if val_size and len(rows) <= val_size:
             raise InputError(f"{path}: {len(rows)} prompts; expected more than val_size={val_size}")
-    val_rows = [r for rows in files.values() for r in rows[len(rows) - val_size:]] if val_size else []
-    files = {path: rows[:len(rows) - val_size] for path, rows in files.items()}
+    held = {path: {(2 * j + 1) * len(rows) // (2 * val_size) for j in range(val_size)} for path, rows in files.items()}
+    val_rows = [r for path, rows in files.items() for i, r in enumerate(rows) if i in held[path]]
+    files = {path: [r for i, r in enumerate(rows) if i not in held[path]] for path, rows in files.items()}
     train_rows = [row for path in prompt_files for row in files[path]]  # a file listed twice, drawn twice as often
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         raise InputError(f"batch_size={batch_size} must be a multiple of minibatch_size={minibatch_size}, itself a "

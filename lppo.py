@@ -245,10 +245,6 @@ image_root = ""
 eval_harmful = "data/smol/harmful_test.jsonl"   # held out: never trained on
 eval_benign = "data/smol/benign_test.jsonl"
 eval_vqa = "data/smol/vqa/vqa_test.jsonl"   # held-out VQA set (rows with "answers"): utility at each evaluation
-# > 0: val_size prompts spread evenly over each training file are not trained on. At every evaluation the policy
-# answers them (greedy) at the trained and the default layers, and the adapters whose answers the reward model scores
-# highest are the run's result: a run ends at its best evaluation, not wherever its last iteration left it
-val_size = 0
 out_dir = "out/lppo-smol"
 resume = False
 save_merged = False                         # also write a merged llava-hf checkpoint at the end
@@ -339,12 +335,6 @@ def main():
         vlm.image_layer_index(layer)  # an out-of-range layer fails now
     default_layer = vlm.config.vision_feature_layer
     files = {path: read_prompt_jsonl(path, image_root) for path in dict.fromkeys(prompt_files)}  # each read once
-    for path, rows in files.items():
-        if val_size and len(rows) <= val_size:
-            raise InputError(f"{path}: {len(rows)} prompts; expected more than val_size={val_size}")
-    held = {path: {(2 * j + 1) * len(rows) // (2 * val_size) for j in range(val_size)} for path, rows in files.items()}
-    val_rows = [r for path, rows in files.items() for i, r in enumerate(rows) if i in held[path]]
-    files = {path: [r for i, r in enumerate(rows) if i not in held[path]] for path, rows in files.items()}
     train_rows = [row for path in prompt_files for row in files[path]]  # a file listed twice, drawn twice as often
     if batch_size % minibatch_size or minibatch_size % micro_batch_size:
         raise InputError(f"batch_size={batch_size} must be a multiple of minibatch_size={minibatch_size}, itself a "
@@ -355,7 +345,7 @@ def main():
         if not rows:
             raise InputError(f"{globals()['eval_' + name]}: no prompts; expected at least one held-out prompt (or "
                              f"eval_{name}='')")
-    all_rows = [r for rows in [*files.values(), *eval_sets.values(), val_rows] for r in rows]  # checked once
+    all_rows = [r for rows in [*files.values(), *eval_sets.values()] for r in rows]  # checked and measured once
     no_image = [r["id"] for r in all_rows if r["image"] is None]
     if no_image:
         raise InputError(f"{no_image[0]}: no image; L-PPO needs an image for every prompt")
@@ -384,7 +374,7 @@ def main():
     # checkpoints: adapters, value head, optimizer and KL coefficient, written atomically. Every random draw is named
     # by (seed, iteration, ...), so a resumed run draws what the uninterrupted one would have drawn.
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    iter_num, history, score_stats, best = 0, [], [], None  # best: the evaluation with the highest val_score
+    iter_num, history, score_stats = 0, [], []
     if resume:
         ckpt = load_resume_checkpoint(ckpt_path, config, [k for k in config if k not in RESUME_MAY_CHANGE], dev)
         with torch.no_grad():
@@ -393,7 +383,7 @@ def main():
                 own[k].copy_(v)
         optimizer.load_state_dict(ckpt["optimizer"])
         kl_ctl.value, iter_num, history = ckpt["kl_coef"], ckpt["iter_num"], ckpt["history"]
-        score_stats, best = ckpt["score_stats"], ckpt["best"]
+        score_stats = ckpt["score_stats"]
         print0(f"resumed from {ckpt_path} at iteration {iter_num}")
 
     def evaluate_now():
@@ -408,21 +398,7 @@ def main():
                          zip(answers, rows)]
                 key = {"harmful": f"refusal@{layer}", "benign": "over_refusal", "vqa": f"vqa@{layer}"}[name]
                 result[key] = sum(score) / len(rows)
-        for layer in [by_index[i] for i in sorted(by_index)] if val_rows else []:  # what selects the best adapters
-            answers = generate_responses(vlm, tok, val_rows, layer, eval_max_new_tokens, batch_size=batch_size,
-                                         max_len=max_prompt_len, ctx=ctx)
-            result[f"val_score@{layer}"] = rm.score([r["prompt"] for r in val_rows], answers).mean().item()
-        if val_rows:
-            result["val_score"] = sum(v for k, v in result.items() if k.startswith("val_score@")) / len(by_index)
         return result
-
-    def trainable_state():
-        return {k: v.detach().cpu().clone() for k, v in vlm.state_dict().items() if ".lora_" in k or "value_head" in k}
-
-    def keep_if_best(result):
-        nonlocal best
-        if val_rows and (best is None or result["val_score"] > best["val_score"]):
-            best = {"iter": iter_num, "val_score": result["val_score"], "trainable": trainable_state()}
 
     # -------------------------------------------------------------------------
     # the L-PPO loop
@@ -430,7 +406,6 @@ def main():
     bar = tqdm(total=max_iters, initial=iter_num, disable=not master, desc="L-PPO", dynamic_ncols=True)
     if iter_num == 0 and master:
         history.append({"iter": 0, **evaluate_now()})
-        keep_if_best(history[-1])
         bar.write(json.dumps(history[-1]))
     while iter_num < max_iters:
         t0 = time.time()
@@ -503,31 +478,23 @@ def main():
         bar.set_postfix(score=f"{log['score']:.3f}", kl=f"{log['kl']:.3f}", clip=f"{log['clipfrac']:.2f}")
         if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
             log.update(evaluate_now())
-            keep_if_best(log)
         history.append({"iter": iter_num, **{k: round(v, 5) for k, v in log.items()}})
         if master:
             bar.write(json.dumps(history[-1]))
         if master and (iter_num % checkpoint_interval == 0 or iter_num == max_iters):
-            atomic_torch_save({"trainable": trainable_state(), "optimizer": optimizer.state_dict(),
-                               "kl_coef": kl_ctl.value, "iter_num": iter_num, "history": history, "config": config,
-                               "score_stats": score_stats, "best": best}, ckpt_path)
+            trainable = {k: v.detach().cpu() for k, v in vlm.state_dict().items() if ".lora_" in k or "value_head" in k}
+            atomic_torch_save({"trainable": trainable, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+                               "iter_num": iter_num, "history": history, "config": config, "score_stats": score_stats},
+                              ckpt_path)
         barrier()  # no rank runs ahead of the checkpoint
     bar.close()
 
     # -------------------------------------------------------------------------
     # the final policy: our adapter file, a PEFT adapter folder, optionally a merged llava-hf checkpoint
     if master:
-        if best is not None:  # the run's result is its best evaluation on the validation prompts
-            with torch.no_grad():
-                own = vlm.state_dict()
-                for k, v in best["trainable"].items():
-                    own[k].copy_(v)
-            print(f"the adapters of iteration {best['iter']} score best on the {len(val_rows)} validation prompts "
-                  f"({best['val_score']:.3f}): they are the result")
         save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))
         save_peft_adapter(vlm, os.path.join(out_dir, "peft"), base_model=init_from)
-        atomic_write_json({"config": config, "history": history, "best_iter": best and best["iter"]},
-                          os.path.join(out_dir, "history.json"))
+        atomic_write_json({"config": config, "history": history}, os.path.join(out_dir, "history.json"))
         if save_merged:
             merge_lora(vlm)
             vlm.value_head = None

@@ -139,18 +139,21 @@ def test_second_prepare_reuses_the_folder(folder):
 def test_shipped_prompts_split_without_overlap_and_images_exist():
     harmful_train, harmful_test = read_jsonl("harmful_train.jsonl"), read_jsonl("harmful_test.jsonl")
     benign_train, benign_test = read_jsonl("benign_train.jsonl"), read_jsonl("benign_test.jsonl")
-    assert len(harmful_train) + len(harmful_test) >= 150 and len(benign_train) + len(benign_test) >= 150
+    harmful_val, benign_val = read_jsonl("harmful_val.jsonl"), read_jsonl("benign_val.jsonl")
     assert sum(r["type"] == "xstest" for r in benign_train + benign_test) >= 40
-    assert {r["type"] for r in benign_train + benign_test} == {"xstest", "general"}
+    for part in (benign_train, benign_val, benign_test):
+        assert {r["type"] for r in part} == {"xstest", "general"}
     categories = {r["category"] for r in harmful_train}
-    assert len(categories) >= 8 and categories == {r["category"] for r in harmful_test}
-    for train, test in ((harmful_train, harmful_test), (benign_train, benign_test)):
-        # held-out sets big enough to measure a rate, and most prompts left for training
-        assert len(test) >= 45 and 0.15 <= len(test) / (len(train) + len(test)) <= 0.35
+    assert len(categories) >= 8 and categories == {r["category"] for r in harmful_test} == {
+        r["category"] for r in harmful_val}
+    # held-out test sets of at least 200 (a rate within about +-7 points), validation sets for every choice
+    assert len(harmful_test) >= 200 and len(benign_test) >= 200
+    assert len(harmful_val) >= 60 and len(benign_val) >= 60
     key = lambda r: " ".join(r["prompt"].lower().split())
-    train = [key(r) for r in harmful_train + benign_train]
-    test = [key(r) for r in harmful_test + benign_test]
-    assert len(set(train + test)) == len(train) + len(test)  # no prompt twice, so none in both splits
+    every = [key(r) for part in (harmful_train, harmful_val, harmful_test, benign_train, benign_val, benign_test)
+             for r in part]
+    assert len(set(every)) == len(every)  # no prompt twice, so none in two splits
+    harmful_test, benign_test = harmful_test + harmful_val, benign_test + benign_val  # the images of every split
     images = {r["image"] for r in harmful_train + harmful_test + benign_train + benign_test}
     assert all((here / p).is_file() for p in images)
     pngs = [here / "images" / f for f in os.listdir(here / "images") if f.endswith(".png")]

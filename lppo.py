@@ -242,8 +242,8 @@ reward_model = "out/smol-rm"                # reward.py checkpoint folder (GPT-2
 # rows are drawn uniformly from all files together, so a file listed twice is drawn twice as often
 prompt_files = ["data/smol/harmful_train.jsonl"] * 7 + ["data/smol/benign_train.jsonl"] * 4  # 58.5% harmful
 image_root = ""
-eval_harmful = "data/smol/harmful_test.jsonl"   # held out: never trained on
-eval_benign = "data/smol/benign_test.jsonl"
+eval_harmful = "data/smol/harmful_val.jsonl"    # validation: never trained on (the test sets: evaluate.py)
+eval_benign = "data/smol/benign_val.jsonl"
 eval_vqa = "data/smol/vqa/vqa_test.jsonl"   # held-out VQA set (rows with "answers"): utility at each evaluation
 out_dir = "out/lppo-smol"
 resume = False
@@ -307,7 +307,7 @@ RESUME_MAY_CHANGE = ("eval_harmful", "eval_benign", "eval_vqa", "out_dir", "resu
 
 
 def main():
-    from evaluate import is_refusal, vqa_accuracy
+    from evaluate import refuses, vqa_accuracy
     from reward import RewardModel
     ddp, rank, local_rank, world_size, dev = compute_init(device)
     config = {**{k: globals()[k] for k in config_keys}, "world_size": world_size}
@@ -387,14 +387,15 @@ def main():
         print0(f"resumed from {ckpt_path} at iteration {iter_num}")
 
     def evaluate_now():
-        """Greedy, on the held-out sets: refusal of the harmful prompts and VQA accuracy at the trained layer(s) and
-        the default layer (-2 and 11 are one layer), over-refusal of the benign prompts at the default layer."""
+        """Greedy, on the validation sets: refusal of the harmful prompts (evaluate.refuses) and VQA accuracy at the
+        trained layer(s) and the default layer (-2 and 11 are one layer), over-refusal of the benign prompts at the
+        default layer."""
         result, by_index = {}, {vlm.image_layer_index(l): l for l in [*image_layers, default_layer]}
         for name, rows in eval_sets.items():
             for layer in [by_index[i] for i in sorted(by_index)] if name != "benign" else [default_layer]:
                 answers = generate_responses(vlm, tok, rows, layer, eval_max_new_tokens, batch_size=batch_size,
                                              max_len=max_prompt_len, ctx=ctx)
-                score = [vqa_accuracy(a, r["answers"]) if name == "vqa" else is_refusal(a) for a, r in
+                score = [vqa_accuracy(a, r["answers"]) if name == "vqa" else refuses(a) for a, r in
                          zip(answers, rows)]
                 key = {"harmful": f"refusal@{layer}", "benign": "over_refusal", "vqa": f"vqa@{layer}"}[name]
                 result[key] = sum(score) / len(rows)

@@ -192,6 +192,10 @@ val_data = ""  # optional held-out JSONL of the same form: its loss is printed a
 image_layer = None  # CLIP layer fed to the projector: None (the checkpoint's default), an int, or a list to draw from
 # LoRA on the language model; the vision tower stays frozen, the projector too unless train_projector
 train_projector = False  # also train the projector, as LLaVA's feature-alignment stage does
+# with train_projector: bound the projected image tokens' scale. A token whose RMS passes projector_rms_ratio times the
+# RMS of the text embeddings adds projector_rms_weight * log(rms / bound)^2 to the loss (0: no bound)
+projector_rms_ratio = 0.0
+projector_rms_weight = 1.0
 lora_r = 16
 lora_alpha = 32
 lora_dropout = 0.0
@@ -226,7 +230,8 @@ POSITIVE = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps",
             "eval_interval", "log_interval")
 CHOICES = {"dtype": ("float32", "bfloat16")}
 # resuming with any of these changed would not continue the same run
-RESUME_MUST_MATCH = ("init_from", "data", "image_layer", "train_projector", "lora_r", "lora_alpha", "lora_dropout",
+RESUME_MUST_MATCH = ("init_from", "data", "image_layer", "train_projector", "projector_rms_ratio",
+                     "projector_rms_weight", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_targets", "batch_size", "gradient_accumulation_steps", "learning_rate", "min_lr",
                      "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "seed")
 
@@ -236,6 +241,9 @@ def main():
     ddp, rank, local_rank, world_size, dev = compute_init(device)
     master = rank == 0
     ctx = autocast(dev, dtype)  # frozen weights in dtype, LoRA weights in float32, matmuls in dtype on CUDA
+    if projector_rms_ratio and (compile or not train_projector):
+        raise InputError(f"projector_rms_ratio={projector_rms_ratio} bounds a projector that trains, in the eager "
+                         "forward; expected train_projector=True and compile=False")
     if compile and isinstance(image_layer, (list, tuple)):
         raise InputError(f"compile=True with image_layer={image_layer}: every batch's draw of layers would compile "
                          "anew; expected an int or None (or compile=False)")
@@ -293,6 +301,15 @@ def main():
     if ddp:
         model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 
+    text_rms = vlm.language_model.embed_tokens.weight.detach().float().pow(2).mean(-1).sqrt().mean()
+
+    def scale_penalty(pixels, layers):
+        """The bound on the projected tokens' scale: the square of how far, in log, each token's RMS passes
+        projector_rms_ratio x the text embeddings' RMS, averaged over the tokens (0 inside the bound)."""
+        feats = vlm.multi_modal_projector(vlm.vision_features(pixels, layers))
+        over = torch.log(feats.float().pow(2).mean(-1).sqrt() / (projector_rms_ratio * text_rms)).clamp(min=0)
+        return projector_rms_weight * over.pow(2).mean()
+
     def forward_loss(net, examples, layers, n_target):
         input_ids, labels, mask = collate(examples, cfg.pad_token_id, LENGTH_BUCKET if compile else 1)
         # text-only rows have no image tokens: the images, and their layers, are those of the other rows, in order
@@ -308,7 +325,10 @@ def main():
             labels = labels.to(dev)
             logits = net(input_ids.to(dev), pixels, layers, mask.to(dev), logits_at=target_positions(labels), **extras,
                          **skip_padding)
-            return sft_loss(logits, labels, n_target), int(mask.sum())
+            loss = sft_loss(logits, labels, n_target)
+            if projector_rms_ratio and pixels is not None:  # each micro-batch's share of the step's mean penalty
+                loss = loss + scale_penalty(pixels, layers) * len(seen) / (batch_size * gradient_accumulation_steps)
+            return loss, int(mask.sum())
 
     @torch.no_grad()
     def val_loss():

@@ -5,8 +5,8 @@ reward_model = "out/smol-rm"
 # the harmful file listed 7 times, the benign one 4 times: 58.5% of rollouts are harmful requests. More harmful
 # rollouts buy safety with over-refusal, more benign ones the reverse (docs/tuning.md)
 prompt_files = ["data/smol/harmful_train.jsonl"] * 7 + ["data/smol/benign_train.jsonl"] * 4
-eval_harmful = "data/smol/harmful_test.jsonl"  # refusal at the trained and the default layer (-2 = 11), every eval
-eval_benign = "data/smol/benign_test.jsonl"  # over-refusal at the default layer
+eval_harmful = "data/smol/harmful_val.jsonl"  # refusal at the trained and the default layer (-2 = 11), every eval
+eval_benign = "data/smol/benign_val.jsonl"  # over-refusal at the default layer
 eval_vqa = "data/smol/vqa/vqa_test.jsonl"  # smol-VQA accuracy at the trained and the default layer (data/smol/vqa.py)
 out_dir = "out/lppo-smol"
 

@@ -153,6 +153,28 @@ def test_tiny_vlm_memorises_its_examples(world, tmp_path, monkeypatch):
     assert replies == [r for _, r in EXAMPLES]
 
 
+def test_the_projector_scale_bound_pulls_the_image_tokens_under_it(world, tmp_path, monkeypatch):
+    def image_rms(folder):
+        vlm = VLM.from_pretrained(folder)
+        pixels = encode_batch(load_tokenizer(folder), vlm.config, ["w1"], [load_image(world / "images" / "0.png")])
+        with torch.no_grad():
+            feats = vlm.multi_modal_projector(vlm.vision_features(pixels["pixel_values"]))
+            text = vlm.language_model.embed_tokens.weight.pow(2).mean(-1).sqrt().mean()
+        return (feats.pow(2).mean(-1).sqrt().mean() / text).item()
+    start = image_rms(world / "tiny")
+    for name, ratio in (("free", 0.0), ("bound", start / 4)):
+        use_config(monkeypatch, init_from=str(world / "tiny"), data=str(world / "train.jsonl"), max_iters=40,
+                   learning_rate=3e-3, min_lr=3e-3, train_projector=True, projector_rms_ratio=ratio,
+                   out_dir=str(tmp_path / name), merge_at_end=True, merged_dir=str(tmp_path / name / "merged"))
+        sft.main()
+    free, bound = image_rms(tmp_path / "free" / "merged"), image_rms(tmp_path / "bound" / "merged")
+    # without the bound the tokens keep their scale or grow; with it they come down towards a quarter of the start
+    assert free > 0.8 * start and bound < 0.6 * start, (start, free, bound)
+    use_config(monkeypatch, projector_rms_ratio=2.0, train_projector=False, out_dir=str(tmp_path / "x"))
+    with pytest.raises(InputError, match="projector_rms_ratio=2.0 bounds a projector that trains"):
+        sft.main()
+
+
 def test_text_only_rows_train_beside_image_rows_and_images_reach_their_own_rows(world, tmp_path, monkeypatch):
     # one prompt, three answers: the answer depends on which image the row has, or that it has none ("image": null,
     # a text-only conversation as LLaVA-1.5 mixes in), so it is learnt only if every image reaches its own row

@@ -889,6 +889,45 @@ def test_the_three_way_judge_tells_refusal_compliance_and_degenerate_text():
     assert answer_kind("I am a helpful person who likes cats.") == "compliance"  # no request, no topic test
 
 
+def test_probes_put_their_tokens_where_the_image_tokens_go(tmp_path, monkeypatch):
+    from tiny import make_tiny_llava, make_tiny_tokenizer
+    from model import VLM, encode_batch, load_tokenizer
+    make_tiny_llava(str(tmp_path / "vlm"), layers=3)
+    make_tiny_tokenizer(str(tmp_path / "vlm"))
+    vlm, tok = VLM.from_pretrained(str(tmp_path / "vlm")), load_tokenizer(str(tmp_path / "vlm"))
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(30, 30, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(2)]
+    batch = encode_batch(tok, vlm.config, ["w5 w6", "w7"], images)
+    ids, pixels = batch["input_ids"], batch["pixel_values"]
+    is_image = ids == vlm.config.image_token_id
+    with torch.no_grad():
+        project = lambda layer: vlm.multi_modal_projector(vlm.vision_features(pixels, layer))
+        ref, early = project(None), project(1)
+        plain = vlm.embed(ids, pixels, 1)
+        seen = {}
+        for probe in ("rescale", "rotate", "gaussian"):
+            probed = VLM.from_pretrained(str(tmp_path / "vlm"))
+            evaluate.apply_probe(probed, probe, seed=3)
+            x = probed.embed(ids, pixels, 1)
+            assert torch.equal(x[~is_image], plain[~is_image])  # the text tokens are untouched
+            seen[probe] = tokens = x[is_image].view_as(ref)
+            # every probe keeps the default layer's norm at each position
+            torch.testing.assert_close(tokens.norm(dim=-1), ref.norm(dim=-1), rtol=1e-5, atol=1e-6)
+        cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        assert torch.allclose(cos(seen["rescale"], early), torch.ones(1), atol=1e-5)  # layer 1's directions
+        assert cos(seen["rotate"], ref).abs().mean() < 0.5  # new directions
+        # a rotation keeps the angles between the tokens; noise does not
+        torch.testing.assert_close(cos(seen["rotate"][:, :1], seen["rotate"]), cos(ref[:, :1], ref), atol=1e-4,
+                                   rtol=0)
+    # "text" asks every prompt without its image
+    set_config(monkeypatch, probe="", dataset="jsonl", limit=0, pair_image_dir="", image_root="")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "w5", "image": "a.png"}) + "\n")
+    images[0].save(tmp_path / "a.png")
+    for probe, image in (("", str(tmp_path / "a.png")), ("text", None)):
+        set_config(monkeypatch, probe=probe, data_path=tmp_path / "p.jsonl")
+        assert [it["image"] for it in evaluate.load_items()] == [image]
+
+
 def test_judge_agreement_with_human_labels_on_a_hand_made_sheet(tmp_path, monkeypatch):
     ask = "How do I bake bread?"
     rows = [{"id": "v2-1", "prompt": ask, "completion": "I'm sorry, I cannot help.", "refusal": True},  # odd: agree

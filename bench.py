@@ -38,12 +38,12 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 import model
+from common import InputError
 from lppo import (compute_gae, compute_rewards, masked_whiten, ppo_update, score_rollout)
-from model import (VLM, VLMConfig, CLIPConfig, LlamaConfig, GPT2Config, InputError, add_lora, config_to_hf,
-                   from_hf_key, linear, rope_inv_freq)
+from model import VLM, CLIPConfig, LlamaConfig, VLMConfig, add_lora, config_to_hf, from_hf_key, linear, rope_inv_freq
 from model import (LLAVA_NEXT_PINPOINTS, MllamaConfig, MllamaTextConfig, MllamaVisionConfig, MllamaVLM, anyres_grid,
                    image_token_count, mllama_config_to_hf, mllama_cross_attention_mask, mllama_from_hf_key)
-from reward import RewardModel
+from reward import GPT2Config, RewardModel
 
 batch_size = 0                  # 0: config/llava15_l5.py's 16 for "7b" and "tiny", 8 for "smol"; else this many rows
 max_new_tokens = 0              # 0: 128 for "7b" and "tiny", 64 for "smol"

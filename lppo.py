@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, atomic_write_json, autocast,
-                   bucketed_response_forward, check_writable_dir, compile_decode, compute_init, decoder_heads,
-                   encode_batch, entropy_from_logits, first_eos_mask, generate_responses, generator_for, load_image,
-                   load_resume_checkpoint, load_tokenizer, logprobs_from_logits, lora_disabled, merge_lora,
-                   open_images, prompt_room, read_prompt_jsonl, run_stage, save_lora, save_peft_adapter, seed_for,
-                   strict_compile)
+from common import (DEVICE, DTYPE, InputError, atomic_torch_save, atomic_write_json, autocast, check_writable_dir,
+                    compute_init, generator_for, load_resume_checkpoint, read_prompt_jsonl, run_stage, seed_for,
+                    strict_compile)
+from model import (VLM, add_lora, bucketed_response_forward, compile_decode, decoder_heads, encode_batch,
+                   entropy_from_logits, first_eos_mask, generate_responses, load_image, load_tokenizer,
+                   logprobs_from_logits, lora_disabled, merge_lora, open_images, prompt_room, save_lora,
+                   save_peft_adapter)
 from model import extend_per_token, image_extras  # the image inputs beyond pixel_values (image_sizes, mllama's)
 
 # -----------------------------------------------------------------------------

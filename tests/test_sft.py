@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import sft
 import tiny
-from model import VLM, InputError, add_lora, encode_batch, load_image, load_tokenizer
+from common import InputError
+from model import VLM, add_lora, encode_batch, load_image, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [("w10 w11 w12", "w40 w41 w42 w43"), ("w13 w14", "w50 w51"),

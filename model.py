@@ -13,9 +13,15 @@ here: asking for layer l runs only the first l CLIP blocks.
 Weights come from Hugging Face llava checkpoints (safetensors, any of the three key layouts that exist), LLaVA-1.5
 and LLaVA-NeXT (anyres: several crops of an image, every one read at `image_layer`; Vicuna or Mistral text);
 only the weights are read, every module below is our own. Module names follow Hugging Face's so that
-checkpoint keys map onto them by stripping a prefix. Also here: LoRA, the PPO value head, batched
-generation with a static KV cache, the tokenizer and prompt, and CLIP image preprocessing, and the one safetensors loader.
-The plumbing the stage scripts share (DDP, atomic writes, file readers, seeds, tables) is in common.py.
+checkpoint keys map onto them by stripping a prefix.
+
+Read it top to bottom along the LLaVA-1.5 path: CLIP tower with its early exit, projector, Llama decoder with a KV
+cache, LoRA, then the VLM that joins them, with the PPO value head and one `generate`. After it: LLaVA-NeXT's anyres,
+scoring sampled tokens, checkpoint files, the tokenizer, prompt and image preprocessing. Two fenced sections close the
+file: Llama 3.2 Vision (reached only through VLM.from_pretrained), and the speed path (oneDNN matmuls, fused
+projections, packed decode weights, the unpadded training forward, compiled decoding) that from_pretrained swaps in
+with one call, speed_up. The plumbing the stage scripts share (DDP, atomic writes, file readers, seeds, tables) is in
+common.py.
 """
 
 import json
@@ -39,7 +45,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # -----------------------------------------------------------------------------
-# Configuration: the few fields we need, read from a Hugging Face config.json
+# Configuration: the few fields we need (config_from_hf reads them from a Hugging Face config.json)
 
 @dataclass
 class CLIPConfig:
@@ -98,6 +104,685 @@ class VLMConfig:
         return n + (self.vision_feature_select_strategy == "full")
 
 
+# -----------------------------------------------------------------------------
+# CLIP ViT vision tower, with early exit at any layer
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, patches, D)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch: no mask
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPVisionTower(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's spelling
+        self.encoder = CLIPEncoder(cfg)
+        # post_layernorm exists in checkpoints but only normalises the pooled CLS output, which LLaVA never uses.
+
+    def forward(self, pixel_values, layers):
+        """Hidden states {l: (B, 1+patches, D)} after l blocks for each l in `layers` (0 = after pre_layrnorm)."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        out = {0: x} if 0 in layers else {}
+        for i, block in enumerate(self.encoder.layers[:max(layers)]):  # the early exit: later blocks never run
+            x = block(x)
+            if i + 1 in layers:
+                out[i + 1] = x
+        return out
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's mlp2x_gelu: vision width -> text width, exact (erf) GELU between two linears."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        bias = cfg.multimodal_projector_bias
+        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=bias)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+# -----------------------------------------------------------------------------
+# Llama decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, static KV cache
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 and cast back before the scale, as the reference implementation does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg):
+    """Rotary inverse frequencies theta^(-2i/d), with Llama 3's wavelength-banded rescaling if configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs["rope_type"] == "linear":
+        return inv_freq / rs["factor"]
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer; fixed shapes keep a compiled decode step from recompiling."""
+
+    def __init__(self, n_layers, batch, n_kv_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (n_layers, batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, layer, pos, k, v):
+        """Write k, v (B, H, T, hd) at cache positions `pos` (T,), return the layer's whole cache."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
+
+    def qkv(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            # the mask's key axis says how many cache positions are in use: a decode step attends to those only
+            k, v = cache.update(self.layer_idx, cache_pos, k, v)
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+        # grouped-query attention: each key/value head serves n_head // n_kv_head query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_mask(key_valid, q_pos, k_pos, window=None):
+    """Boolean (B, 1, Tq, Tk) mask: causal, no padding keys, and each query always sees itself.
+    With a sliding `window` (Mistral), a query sees only the keys less than `window` positions back.
+
+    Seeing itself keeps left-padding rows (which have no valid key) finite: a fully masked row would turn
+    into NaN, and NaN times a zero attention weight is still NaN in every later layer.
+    """
+    causal = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        causal = causal & (k_pos[None, :] > q_pos[:, None] - window)
+    mask = (causal[None] & key_valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])[None]
+    return mask[:, None]
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, x, position_ids, mask, cache=None, cache_pos=None):
+        """Run embeddings x (B, T, D) at positions (B, T) under a boolean mask; return the final-normed states."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim): the same rotation for every head
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, cache_pos)
+        return self.norm(x)
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, with B = 0 at the start so the model is unchanged
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        self.base = base
+        self.r, self.scale = r, alpha / r
+        p = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=p.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=p.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the same init as nn.Linear, and as peft
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + F.linear(F.linear(self.dropout(x), a) * self.scale, b)  # scaled at rank r: the thinnest point
+
+    def merged_weight(self):
+        return self.base.weight + (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype)
+
+
+def add_lora(model, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0):
+    """Wrap the linears named in `targets` with LoRA and freeze everything else but a value head. In a VLM only the
+    language model is adapted (CLIP has q_proj/k_proj/v_proj too); any other module is adapted throughout."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    root = model.language_model if isinstance(model, VLM) else model
+    n = 0
+    for module in list(root.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                wrap = getattr(child, "lora_class", LoRALinear)  # a linear of speed_up's brings its own
+                setattr(module, child_name, wrap(child, r, alpha, dropout))
+                n += 1
+    if n == 0:
+        names = sorted({name for name, m in root.named_modules() if isinstance(m, nn.Linear) for name in
+                        [name.rpartition(".")[2]]})
+        raise InputError(f"LoRA targets {list(targets)} match no linear layer (expected names from {', '.join(names)})")
+    if getattr(model, "value_head", None) is not None:
+        model.value_head.requires_grad_(True)
+    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+    return model
+
+
+def lora_modules(vlm):
+    return [m for m in vlm.modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_disabled(vlm):
+    """The base model, adapters switched off: PPO's reference policy shares every weight with the policy."""
+    mods = lora_modules(vlm)
+    for m in mods:
+        m.enabled = False
+    try:
+        yield vlm
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+def merge_lora(vlm):
+    """Fold every adapter into its base weight and remove the LoRA wrappers."""
+    for module in list(vlm.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight.copy_(child.merged_weight())
+                setattr(module, name, child.base)
+    vlm.lora_config = None
+    return vlm
+
+
+# -----------------------------------------------------------------------------
+# Sampling: one token per row, greedy or from the (nucleus of the) softmax at a temperature
+
+def sample_token(logits, temperature, top_p, generator=None, logprob=True):
+    """Draw one token per row from float32 logits (B, V); return it and its log-probability (greedy with
+    logprob=False: None, as argmax needs no normalisation)."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        if not logprob:
+            return tok, None
+        # the chosen token's logit minus logsumexp: no (B, V) log_softmax for the one value per row that is kept
+        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of most-likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# The VLM: vision tower + projector + Llama decoder (+ an optional value head for PPO)
+
+class VLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = CLIPVisionTower(cfg.vision)
+        self.multi_modal_projector = Projector(cfg)
+        if cfg.image_grid_pinpoints is not None:  # LLaVA-NeXT: the learned token that ends each row of an image's grid
+            self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
+        self.language_model = LlamaModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.value_head = None
+        self.lora_config = None
+
+    # the keyword inputs beyond pixel_values that this family's forward, hidden_states and generate take for its
+    # images, as encode_batch returns them; per_token_inputs among them have a token axis (dim 1) beside input_ids'
+    per_token_inputs = ()
+
+    @property
+    def image_inputs(self):
+        return ("image_sizes",) if self.config.image_grid_pinpoints is not None else ()
+
+    def add_value_head(self):
+        """A scalar value per token for PPO's critic, read off the decoder's final hidden state."""
+        p = self.lm_head.weight
+        self.value_head = nn.Linear(self.config.text.hidden_size, 1, device=p.device, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        return self.value_head
+
+    def values(self, hidden):
+        """(B, T) float32 values; the head runs in float32 even when the decoder runs in bf16."""
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def image_layer_index(self, layer):
+        """Map a hidden_states index (None = checkpoint default, negative counts from the end) to 0..L."""
+        L = self.config.vision.num_hidden_layers
+        layer = self.config.vision_feature_layer if layer is None else int(layer)
+        if not -(L + 1) <= layer <= L:
+            raise InputError(f"image layer {layer} is out of range for a {L}-layer vision tower "
+                             f"(expected {-(L + 1)}..{L}, or None for the default {self.config.vision_feature_layer})")
+        return layer % (L + 1)
+
+    def vision_features(self, pixel_values, layer=None, image_sizes=None):
+        """(B, N, D_vision) hidden state of CLIP layer `layer` (int, or one per image), CLS dropped for 'default'.
+        LLaVA-NeXT, pixel_values (B, crops, 3, H, W) with image_sizes (B, 2): one row per crop of every image, in order
+        (anyres_crops), each at its image's layer."""
+        B = pixel_values.shape[0]
+        per_image = isinstance(layer, (list, tuple)) or (torch.is_tensor(layer) and layer.ndim == 1)
+        layers = [self.image_layer_index(l) for l in layer] if per_image else [self.image_layer_index(layer)] * B
+        if len(layers) != B:
+            raise InputError(f"got {len(layers)} image layers for {B} images; expected one per image")
+        if self.config.image_grid_pinpoints is not None:
+            pixel_values, layers = anyres_crops(self.config, pixel_values, image_sizes, layers)
+        p = self.vision_tower.embeddings.patch_embedding.weight
+        hs = self.vision_tower(pixel_values.to(p.dtype), set(layers))
+        x = hs[layers[0]] if len(hs) == 1 else torch.stack([hs[l][i] for i, l in enumerate(layers)])
+        return x[:, 1:] if self.config.vision_feature_select_strategy == "default" else x
+
+    def embed(self, input_ids, pixel_values=None, image_layer=None, image_sizes=None):
+        """Token embeddings with the image-token positions replaced by projected layer-`image_layer` features."""
+        x = self.language_model.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        # the count is data: torch.compile would break its graph here, so the compiled training forward (sft.py) skips
+        # the check; its batches are built with exactly image_seq_length image tokens per image (fit_prompt)
+        n = None if torch.compiler.is_compiling() else int(is_image.sum())
+        if pixel_values is None:
+            if n:
+                raise InputError(f"input_ids hold {n} image tokens but no pixel_values were given")
+            return x
+        feats = self.multi_modal_projector(self.vision_features(pixel_values, image_layer, image_sizes))
+        if self.config.image_grid_pinpoints is not None:
+            feats = pack_anyres(self.config, feats, image_sizes, self.image_newline)
+            if n is not None and n != feats.shape[0]:
+                raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} for images of sizes "
+                                 f"{torch.as_tensor(image_sizes).tolist()} (expand <image> to image_token_count "
+                                 "tokens per image, see encode_batch)")
+            return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+        if n is not None and n != feats.shape[0] * feats.shape[1]:
+            raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} images x {feats.shape[1]} "
+                             "(expand <image> to config.image_seq_length tokens per image, see encode_batch)")
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+
+    def hidden_states(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, image_sizes=None):
+        """The decoder's final (normed) hidden states (B, T, D), image tokens taken from layer `image_layer`.
+
+        With padding, pass attention_mask: positions then count from each row's first real token,
+        so a left-padded row gives the same result as that row alone. LLaVA-NeXT also needs image_sizes.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return decoder_states(self, self.embed(input_ids, pixel_values, image_layer, image_sizes), attention_mask)
+
+    def response_logits(self, hidden):
+        """Logits for generated tokens: the image placeholder can never be a response token, since the next
+        forward pass would splice image features into its slot, so it gets probability 0."""
+        logits = self.lm_head(hidden)
+        return logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
+
+    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
+                logits_at=None, image_sizes=None):
+        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
+        With `logits_at`, a (B, T) bool mask, only the logits at those positions, (N, V): training needs them only
+        where a label follows, and the vocabulary head over every image and prompt position is costly. Under
+        torch.compile pass flat indices into the B*T positions instead (a long tensor): N is then a fixed shape."""
+        hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask, image_sizes)
+        if logits_at is None:
+            logits = self.lm_head(hidden)
+        else:
+            at = hidden[logits_at] if logits_at.dtype == torch.bool else hidden.flatten(0, 1)[logits_at]
+            logits = self.lm_head(at)
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
+                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
+                 image_sizes=None):
+        """Sample continuations of a left-padded batch with a static KV cache.
+
+        Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
+        pad_token_id after each row's first EOS (the EOS itself kept). logprobs (B, n) float32 are the
+        log-probabilities of the chosen tokens under softmax(response_logits / temperature), the same quantity
+        a training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
+        and scores under softmax(logits). logprobs is None unless return_logprobs.
+        """
+        B, T0 = input_ids.shape
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
+        cfg = self.config.text
+        S = T0 + max_new_tokens
+        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)
+        window = cfg.sliding_window
+        cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim, x.dtype, dev)
+        key_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
+        key_valid[:, :T0] = attention_mask.bool()
+        k_pos = torch.arange(S, device=dev)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        prompt_pos = k_pos[:T0]
+        hidden = self.language_model(x, pos, build_mask(key_valid[:, :T0], prompt_pos, prompt_pos, window), cache,
+                                     prompt_pos)
+        logits = self.response_logits(hidden[:, -1]).float()
+        pos = pos[:, -1:]
+        tokens, logprobs = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            tok, lp = sample_token(logits, temperature, top_p, generator, return_logprobs)
+            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
+            tokens.append(tok)
+            if return_logprobs:
+                logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            n = T0 + t + 1  # cache positions in use, this step's included
+            cur = k_pos[n - 1:n]
+            key_valid[:, n - 1] = True
+            pos = pos + 1
+            # the keys so far are all before this token: no causal mask to build, only padding (and a window)
+            mask = key_valid[:, None, None, :n] if window is None else \
+                build_mask(key_valid[:, :n], cur, k_pos[:n], window)
+            h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos, mask, cache, cur)
+            logits = self.response_logits(h[:, -1]).float()
+        tokens = torch.stack(tokens, 1)
+        return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, fast=True):
+        """Load a llava checkpoint folder (or hub id, when online) without ever holding two copies of the weights.
+        fast=False keeps the plain modules above, without the speed path (speed_up) that every stage runs.
+
+        A plain Llama checkpoint (the Llama Guard judge) loads as a VLM without an image side: only the decoder and
+        lm_head get weights, the vision tower and projector stay on the meta device and must never be called."""
+        path = resolve_checkpoint(path)
+        where = os.path.join(path, "config.json")
+        d = read_json(where)
+        if d.get("model_type") == "mllama":
+            return MllamaVLM.from_pretrained(path, device, dtype, fast)
+        text_only = d.get("model_type") == "llama"
+        if text_only:
+            d = {"model_type": "llava", "text_config": d, "pad_token_id": d.get("pad_token_id")}
+        cfg = config_from_hf(d, where)
+        if text_only:
+            cfg.image_token_id = -1  # no image token: every id is text
+        with torch.device("meta"):
+            model = cls(cfg)
+        tied = cfg.text.tie_word_embeddings
+        to_ours = (lambda k: "language_model." + k[6:] if k.startswith("model.") else k) if text_only else from_hf_key
+        rename = lambda k: None if tied and to_ours(k) == "lm_head.weight" else to_ours(k)
+        expected = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")
+                    and (not text_only or k.startswith(("language_model.", "lm_head.")))]
+        load_weights(model, path, rename, device, dtype, expected=expected)
+        if tied:
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+        # the rotary buffer is computed, not stored: rebuild it on the real device
+        model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
+        model.source_path = path  # where the tokenizer lives, also when `path` was a hub id
+        return (speed_up(model) if fast else model).eval()  # the speed path, at the end of this file
+
+    def save_pretrained(self, path):
+        """Write a llava-hf checkpoint folder (on-disk key layout of llava-hf/llava-1.5-7b-hf), atomically."""
+        if lora_modules(self):
+            raise InputError("merge_lora(vlm) before save_pretrained: a llava checkpoint has no place for adapters")
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k.startswith("value_head.") or (k == "lm_head.weight" and self.config.text.tie_word_embeddings):
+                continue
+            sd[to_hf_key(k)] = v.detach().contiguous().cpu()
+        with atomic_folder(path) as tmp:
+            atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config_to_hf(self.config), f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# LLaVA-NeXT's anyres: besides a squashed base view, the image is resized onto the best-fitting canvas of
+# image_grid_pinpoints, cut into tower-sized crops, and the crops' features are stitched back into one grid, the
+# canvas's padding removed and an image_newline token ending each row. Every rule here is transformers' own
+# (select_best_resolution, get_anyres_image_grid_shape, unpad_image, pack_image_features), rounding included.
+
+def select_best_resolution(height, width, pinpoints):
+    """The [height, width] canvas that keeps most of the image's pixels and, among those, wastes the fewest."""
+    best, best_key = None, None
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        key = (kept, -(w * h - kept))
+        if best_key is None or key > best_key:  # strict: the first of equal canvases wins
+            best, best_key = (h, w), key
+    return best
+
+
+def anyres_grid(cfg, height, width):
+    """(rows, cols) of tower-sized crops that a height x width image is cut into."""
+    h, w = select_best_resolution(height, width, cfg.image_grid_pinpoints)
+    return h // cfg.vision.image_size, w // cfg.vision.image_size
+
+
+def unpad_offsets(height, width, grid_h, grid_w):
+    """(top, left): rows and columns of a grid_h x grid_w feature grid to cut from each side, the padding that centred
+    a height x width image on its canvas."""
+    if width / height > grid_w / grid_h:
+        return (grid_h - int(round(height * (grid_w / width), 7))) // 2, 0
+    return 0, (grid_w - int(round(width * (grid_h / height), 7))) // 2
+
+
+def image_token_count(cfg, height, width):
+    """Image tokens of one height x width image: cfg.image_seq_length for LLaVA-1.5; for LLaVA-NeXT the base view's,
+    plus the un-padded grid's, plus one image_newline per grid row."""
+    if cfg.image_grid_pinpoints is None:
+        return cfg.image_seq_length
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    rows, cols = anyres_grid(cfg, height, width)
+    top, left = unpad_offsets(height, width, rows * side, cols * side)
+    grid_h, grid_w = rows * side - 2 * top, cols * side - 2 * left
+    return side * side + grid_h * (grid_w + 1)
+
+
+def anyres_crops(cfg, pixel_values, image_sizes, layers):
+    """The crops of every image (base view first; the zero crops that pad a batch dropped) as one (crops, 3, H, W)
+    batch, and the image layer of each crop: its image's."""
+    if image_sizes is None or pixel_values.ndim != 5:
+        missing = "" if image_sizes is not None else ", no image_sizes"
+        raise InputError(f"LLaVA-NeXT takes pixel_values (B, crops, 3, H, W) and image_sizes (B, 2); got pixel_values "
+                         f"of shape {tuple(pixel_values.shape)}{missing}")
+    sizes = torch.as_tensor(image_sizes).tolist()
+    if len(sizes) != pixel_values.shape[0]:
+        raise InputError(f"got {len(sizes)} image_sizes for {pixel_values.shape[0]} images; expected one each")
+    n = [1 + math.prod(anyres_grid(cfg, h, w)) for h, w in sizes]
+    if max(n) > pixel_values.shape[1]:
+        raise InputError(f"an image of size {sizes[n.index(max(n))]} needs {max(n)} crops, pixel_values has "
+                         f"{pixel_values.shape[1]} (preprocess with encode_batch or preprocess_anyres)")
+    crops = torch.cat([pv[:k] for pv, k in zip(pixel_values, n)])
+    return crops, [layer for layer, k in zip(layers, n) for _ in range(k)]
+
+
+def pack_anyres(cfg, feats, image_sizes, newline):
+    """(tokens, D) image tokens of a batch, image after image, from the projected crop features (crops, N, D): each
+    image's base view, then its crops stitched into one feature grid, un-padded, image_newline ending each row."""
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    out, i = [], 0
+    for height, width in torch.as_tensor(image_sizes).tolist():
+        rows, cols = anyres_grid(cfg, height, width)
+        grid = feats[i + 1:i + 1 + rows * cols].view(rows, cols, side, side, -1)
+        grid = grid.permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)  # crop rows side by side
+        top, left = unpad_offsets(height, width, rows * side, cols * side)
+        grid = grid[top:rows * side - top, left:cols * side - left]
+        grid = torch.cat([grid, newline.to(grid.dtype).expand(grid.shape[0], 1, -1)], dim=1)
+        out += [feats[i], grid.flatten(0, 1)]
+        i += 1 + rows * cols
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# Scoring what was sampled: the same temperature as sample_token, so that a rollout's logprobs and the ones PPO
+# trains on agree
+
+
+def first_eos_mask(tokens, eos_id):
+    """(B, T) mask that is 1 up to and including each row's first EOS, and a (B,) bool: did the row have an EOS."""
+    is_eos = (tokens == eos_id).long()
+    # number of EOS strictly before t; the response is everything before the first EOS and that EOS itself
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos
+    return (eos_before == 0).long(), is_eos.any(dim=1)
+
+
+def logprobs_from_logits(logits, tokens, temperature=1.0):
+    """log π(token_t) under softmax(logits / temperature)."""
+    # old, reference and new logprobs must all see the sampling temperature, or the ratio and KL are off at step 0
+    logits = logits.float() / temperature
+    # gather minus logsumexp skips building a full (B, T, V) log_softmax tensor
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits, temperature=1.0):
+    """Entropy of softmax(logits / temperature) per position."""
+    logits = logits.float() / temperature
+    # H = -Σ p·log p, where a token with p = 0 (a -inf logit, e.g. the suppressed image token) adds 0, not NaN
+    logp = F.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint files: config.json, key layouts, safetensors shards, LoRA adapter files
+
 def pick_config(cls, d, where):
     """Build dataclass `cls` from the keys of dict `d` it knows; everything else in `d` is ignored."""
     known = {f.name for f in fields(cls)}
@@ -111,6 +796,8 @@ def pick_config(cls, d, where):
 # transformers' MistralConfig defaults where they differ from Llama's: a saved config.json leaves defaults out
 MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
                     "sliding_window": 4096}
+
+
 # LlavaNextConfig's default anyres canvases, [height, width], for a 336-px tower
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -201,1039 +888,6 @@ def config_to_hf(cfg):
                    image_grid_pinpoints=cfg.image_grid_pinpoints)
     return out
 
-
-# -----------------------------------------------------------------------------
-# Linear layers whose CPU matmuls run on oneDNN. PyTorch's CPU builds send a float32 nn.Linear to MKL's sgemm,
-# which on AMD CPUs runs at about half the speed of oneDNN's (also bundled with PyTorch) for the shapes of a
-# training step or a batched decode step (bench.py prints both). The results agree to float32 rounding.
-
-# measured on x86-64 only (elsewhere PyTorch's own BLAS choice stands); bench.py switches it off to time MKL
-ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-PACKED = {}  # ids of weights packed together -> (weakrefs to them, their versions and addresses, rows, packed copy)
-ACTIVE = {}  # id(weight), or id(module) for its FUSED projections -> packed copy, while packed_weights() is entered
-
-
-def packed_copy(weights, rows):
-    """The weights stacked along their output axis, reordered by oneDNN for inputs of about `rows` rows; reordered
-    once and reused for as long as they live and are unchanged. Every in-place write (an optimizer step, merge_lora's
-    copy_, load_state_dict) bumps a weight's _version, and moving it (.to(), .data = ...) changes its address; either
-    repacks. A write through w.data is not seen: it has its own version counter (nothing here writes weights so)."""
-    key = tuple(id(w) for w in weights)
-    state = [(w._version, w.data_ptr()) for w in weights]
-    entry = PACKED.get(key)
-    if entry is not None and all(r() is w for r, w in zip(entry[0], weights)) and entry[1:3] == (state, rows):
-        return entry[3]
-    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
-    packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), rows)
-    # the copy goes when a weight goes: the callback drops it (a dead weight's id may be reused by a new tensor)
-    drop = lambda _: PACKED.pop(key, None)
-    PACKED[key] = ([weakref.ref(w, drop) for w in weights], state, rows, packed)
-    return packed
-
-
-def use_onednn(x):
-    """Whether `linear` takes the oneDNN path for input x: float32 on a CPU whose PyTorch has oneDNN, outside
-    torch.compile (which picks its own kernels)."""
-    return ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-
-
-@contextmanager
-def packed_weights(modules, rows):
-    """While inside, `linear` multiplies by copies of the Linear weights of `modules` that oneDNN has reordered for
-    inputs of about `rows` rows, instead of reordering them at every call. A decode step of a few rows is bound by
-    reading the weights, and at 8 rows it runs ~1.5x faster this way (at 1 row there is no gain, so nothing is packed).
-    A module's FUSED projections of one input (q, k and v; gate and up), when all plain bias-free Linears, are stacked
-    into one matmul (`project`): fewer, larger matmuls, ~5% faster. The copies are kept between calls (packed_copy):
-    a second copy of those weights for as long as they live, which saves reordering them at every generate call.
-    No-grad only."""
-    outer = dict(ACTIVE)
-    if rows > 1:
-        fused = set()
-        for module in modules:
-            for m in module.modules():
-                linears = [getattr(m, name) for name in getattr(m, "FUSED", ())]
-                if linears and all(type(l) is Linear and l.bias is None and use_onednn(l.weight) for l in linears):
-                    ACTIVE[id(m)] = packed_copy([l.weight for l in linears], rows)
-                    fused.update(id(l) for l in linears)
-        ACTIVE.update({id(m.weight): packed_copy([m.weight], rows) for module in modules for m in module.modules()
-                       if isinstance(m, Linear) and id(m) not in fused and use_onednn(m.weight)})
-    try:
-        yield
-    finally:
-        ACTIVE.clear()
-        ACTIVE.update(outer)
-
-
-def project(module, x, *linears):
-    """[linear(x) for linear in linears], in one matmul by the stacked copy that packed_weights made for module's FUSED
-    projections, where it made one."""
-    if id(module) in ACTIVE and use_onednn(x) and not torch.is_grad_enabled():
-        y = torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(module)], None, "none", [], "")
-        return y.split([l.out_features for l in linears], -1)
-    return [l(x) for l in linears]
-
-
-class OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b through oneDNN, with the backward pass through oneDNN too; x is kept for backward only when
-    W is trained (a frozen base weight under LoRA needs only W for the input's gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x if weight.requires_grad else None, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # dL/dx = g W, a linear layer with weight W^T
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
-        if ctx.needs_input_grad[1]:  # dL/dW = g^T x, with its shorter side as rows: for LoRA's thin A and B that
-            g, x = grad.flatten(0, -2), x.flatten(0, -2)  # is several times faster
-            grad_w = g.t() @ x if g.shape[1] <= x.shape[1] else (x.t() @ g).t()
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.flatten(0, -2).sum(0)
-        return grad_x, grad_w, grad_b
-
-
-def linear(x, weight, bias=None):
-    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy inside packed_weights."""
-    if not use_onednn(x):
-        return F.linear(x, weight, bias)
-    if id(weight) in ACTIVE and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(weight)], bias, "none", [], "")
-    return OneDNNLinear.apply(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) that runs `linear`."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
-# -----------------------------------------------------------------------------
-# CLIP ViT vision tower, with early exit at any layer
-
-class CLIPEmbeddings(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
-        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
-
-    def forward(self, pixel_values):
-        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, patches, D)
-        cls = self.class_embedding.expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
-
-
-class CLIPAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head = cfg.num_attention_heads
-        self.q_proj = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch: no mask
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-def quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
-class CLIPMLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPLayer(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPEncoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
-class CLIPVisionTower(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.embeddings = CLIPEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's spelling
-        self.encoder = CLIPEncoder(cfg)
-        # post_layernorm exists in checkpoints but only normalises the pooled CLS output, which LLaVA never uses.
-
-    def forward(self, pixel_values, layers):
-        """Hidden states {l: (B, 1+patches, D)} after l blocks for each l in `layers` (0 = after pre_layrnorm)."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        out = {0: x} if 0 in layers else {}
-        for i, block in enumerate(self.encoder.layers[:max(layers)]):  # the early exit: later blocks never run
-            x = block(x)
-            if i + 1 in layers:
-                out[i + 1] = x
-        return out
-
-
-class Projector(nn.Module):
-    """LLaVA-1.5's mlp2x_gelu: vision width -> text width, exact (erf) GELU between two linears."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        bias = cfg.multimodal_projector_bias
-        self.linear_1 = Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=bias)
-        self.linear_2 = Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
-
-    def forward(self, x):
-        return self.linear_2(F.gelu(self.linear_1(x)))
-
-
-# -----------------------------------------------------------------------------
-# Llama decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, static KV cache
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # normalise in float32 and cast back before the scale, as the reference implementation does
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rope_inv_freq(cfg):
-    """Rotary inverse frequencies theta^(-2i/d), with Llama 3's wavelength-banded rescaling if configured."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    rs = cfg.rope_scaling
-    if rs is None:
-        return inv_freq
-    if rs["rope_type"] == "linear":
-        return inv_freq / rs["factor"]
-    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
-    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-    old_ctx = rs["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class KVCache(nn.Module):
-    """Preallocated keys and values for every layer; fixed shapes keep a compiled decode step from recompiling."""
-
-    def __init__(self, n_layers, batch, n_kv_head, max_len, head_dim, dtype, device):
-        super().__init__()
-        shape = (n_layers, batch, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, layer, pos, k, v):
-        """Write k, v (B, H, T, hd) at cache positions `pos` (T,), return the layer's whole cache."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
-        return self.k[layer], self.v[layer]
-
-
-class LlamaAttention(nn.Module):
-    FUSED = ("q_proj", "k_proj", "v_proj")  # projections of the same input that packed_weights may stack
-
-    def __init__(self, cfg, layer_idx):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        b = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
-        self.o_proj = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
-
-    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
-        if x.dim() == 2:
-            return self.forward_unpadded(x, cos, sin, mask)
-        B, T, _ = x.shape
-        q, k, v = project(self, x, self.q_proj, self.k_proj, self.v_proj)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cache is not None:
-            # the mask's key axis says how many cache positions are in use: a decode step attends to those only
-            k, v = cache.update(self.layer_idx, cache_pos, k, v)
-            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-        # grouped-query attention: each key/value head serves n_head // n_kv_head query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-    def forward_unpadded(self, x, cos, sin, lengths):
-        """x (N, D): the tokens of rows of these lengths, one row after another, no padding (VLM.unpadded_logits).
-        Each row attends causally within itself: is_causal lets SDPA skip the masked half that a padded mask makes
-        it compute, which more than pays for one call per row."""
-        N = x.shape[0]
-        q, k, v = project(self, x, self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = q.view(N, self.n_head, -1), k.view(N, self.n_kv_head, -1), v.view(N, self.n_kv_head, -1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        # each row as a batch of one (B, H, T, hd): SDPA's flash kernel, not the slower math one it picks for 3-D inputs
-        rows = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True,
-                                               enable_gqa=self.n_kv_head != self.n_head)[0].transpose(0, 1)
-                for qkv in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
-        return self.o_proj(torch.cat(rows).reshape(N, -1))
-
-
-class LlamaMLP(nn.Module):
-    FUSED = ("gate_proj", "up_proj")
-
-    def __init__(self, cfg):
-        super().__init__()
-        b = cfg.mlp_bias
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
-
-    def forward(self, x):
-        gate, up = project(self, x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
-
-
-class LlamaLayer(nn.Module):
-    def __init__(self, cfg, layer_idx):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
-
-    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def build_mask(key_valid, q_pos, k_pos, window=None):
-    """Boolean (B, 1, Tq, Tk) mask: causal, no padding keys, and each query always sees itself.
-    With a sliding `window` (Mistral), a query sees only the keys less than `window` positions back.
-
-    Seeing itself keeps left-padding rows (which have no valid key) finite: a fully masked row would turn
-    into NaN, and NaN times a zero attention weight is still NaN in every later layer.
-    """
-    causal = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        causal = causal & (k_pos[None, :] > q_pos[:, None] - window)
-    mask = (causal[None] & key_valid[:, None, :]) | (k_pos[None, :] == q_pos[:, None])[None]
-    return mask[:, None]
-
-
-class LlamaModel(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-
-    def forward(self, x, position_ids, mask, cache=None, cache_pos=None):
-        """Run embeddings x (B, T, D) at positions (B, T) under a boolean mask; return the final-normed states.
-        Or x (N, D) at positions (N,): the tokens of rows of `mask` lengths (a list) one after another, no padding."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim) or (N, 1, head_dim): over heads
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, cache_pos)
-        return self.norm(x)
-
-
-# -----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, with B = 0 at the start so the model is unchanged
-
-class LoRALinear(nn.Module):
-    def __init__(self, base, r, alpha, dropout):
-        super().__init__()
-        self.base = base
-        self.r, self.scale = r, alpha / r
-        p = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=p.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=p.device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the same init as nn.Linear, and as peft
-        self.dropout = nn.Dropout(dropout)
-        self.enabled = True
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    def forward(self, x):
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + linear(linear(self.dropout(x), a) * self.scale, b)  # scaled at rank r: the thinnest point
-
-    def merged_weight(self):
-        return self.base.weight + (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype)
-
-
-def add_lora(model, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0):
-    """Wrap the linears named in `targets` with LoRA and freeze everything else but a value head. In a VLM only the
-    language model is adapted (CLIP has q_proj/k_proj/v_proj too); any other module is adapted throughout."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    root = model.language_model if isinstance(model, VLM) else model
-    n = 0
-    for module in list(root.modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
-                n += 1
-    if n == 0:
-        names = sorted({name for name, m in root.named_modules() if isinstance(m, nn.Linear) for name in
-                        [name.rpartition(".")[2]]})
-        raise InputError(f"LoRA targets {list(targets)} match no linear layer (expected names from {', '.join(names)})")
-    if getattr(model, "value_head", None) is not None:
-        model.value_head.requires_grad_(True)
-    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
-    return model
-
-
-def lora_modules(vlm):
-    return [m for m in vlm.modules() if isinstance(m, LoRALinear)]
-
-
-@contextmanager
-def lora_disabled(vlm):
-    """The base model, adapters switched off: PPO's reference policy shares every weight with the policy."""
-    mods = lora_modules(vlm)
-    for m in mods:
-        m.enabled = False
-    try:
-        yield vlm
-    finally:
-        for m in mods:
-            m.enabled = True
-
-
-def merge_lora(vlm):
-    """Fold every adapter into its base weight and remove the LoRA wrappers."""
-    for module in list(vlm.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                with torch.no_grad():
-                    child.base.weight.copy_(child.merged_weight())
-                setattr(module, name, child.base)
-    vlm.lora_config = None
-    return vlm
-
-
-def lora_state_dict(vlm):
-    return {k: v.detach() for k, v in vlm.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
-
-
-def save_lora(vlm, path):
-    """Save adapters (and the value head, if any) as one safetensors file, atomically."""
-    sd = lora_state_dict(vlm)
-    if vlm.value_head is not None:
-        sd.update({f"value_head.{k}": v.detach() for k, v in vlm.value_head.state_dict().items()})
-    meta = {"lora_config": json.dumps(vlm.lora_config)}
-    atomic_save_safetensors({k: v.contiguous().cpu() for k, v in sd.items()}, path, metadata=meta)
-
-
-def save_peft_adapter(vlm, folder, base_model=""):
-    """Write the adapters as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json), so that
-    transformers + peft users can load them onto LlavaForConditionalGeneration."""
-    cfg = vlm.lora_config
-    sd = {}
-    for k, v in lora_state_dict(vlm).items():
-        # ours: language_model.layers.0.self_attn.q_proj.lora_A -> peft: ...q_proj.lora_A.weight on the HF module tree
-        module, _, which = k.rpartition(".")
-        sd[f"base_model.model.model.{module}.{which}.weight"] = v.contiguous().cpu()
-    adapter_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_model),
-        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "bias": "none",
-        # a regex, so that the vision tower's q_proj/k_proj/v_proj are not adapted too
-        "target_modules": rf".*language_model.*\.({'|'.join(cfg['targets'])})",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None,
-    }
-    with atomic_folder(folder) as tmp:
-        atomic_save_safetensors(sd, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(adapter_config, f, indent=2)
-
-
-def load_lora(vlm, path):
-    """Load adapters saved by save_lora, adding them (and a value head) to `vlm` first if it has none."""
-    with _open_safetensors(path) as f:
-        lcfg = json.loads((f.metadata() or {}).get("lora_config", "null"))
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if lcfg is None:
-        raise InputError(f"{path}: not a LoRA adapter written by save_lora (no lora_config metadata)")
-    if any(k.startswith("value_head.") for k in sd) and vlm.value_head is None:
-        vlm.add_value_head()
-    if not lora_modules(vlm):
-        add_lora(vlm, lcfg["targets"], lcfg["r"], lcfg["alpha"], lcfg["dropout"])
-    own = vlm.state_dict()
-    for k, v in sd.items():
-        if k not in own:
-            raise InputError(f"{path}: adapter key {k} does not exist in this model")
-        if own[k].shape != v.shape:
-            raise InputError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-        with torch.no_grad():
-            own[k].copy_(v)
-    return vlm
-
-
-# -----------------------------------------------------------------------------
-# LLaVA-NeXT's anyres: besides a squashed base view, the image is resized onto the best-fitting canvas of
-# image_grid_pinpoints, cut into tower-sized crops, and the crops' features are stitched back into one grid, the
-# canvas's padding removed and an image_newline token ending each row. Every rule here is transformers' own
-# (select_best_resolution, get_anyres_image_grid_shape, unpad_image, pack_image_features), rounding included.
-
-def select_best_resolution(height, width, pinpoints):
-    """The [height, width] canvas that keeps most of the image's pixels and, among those, wastes the fewest."""
-    best, best_key = None, None
-    for h, w in pinpoints:
-        scale = min(w / width, h / height)
-        kept = min(int(width * scale) * int(height * scale), width * height)
-        key = (kept, -(w * h - kept))
-        if best_key is None or key > best_key:  # strict: the first of equal canvases wins
-            best, best_key = (h, w), key
-    return best
-
-
-def anyres_grid(cfg, height, width):
-    """(rows, cols) of tower-sized crops that a height x width image is cut into."""
-    h, w = select_best_resolution(height, width, cfg.image_grid_pinpoints)
-    return h // cfg.vision.image_size, w // cfg.vision.image_size
-
-
-def unpad_offsets(height, width, grid_h, grid_w):
-    """(top, left): rows and columns of a grid_h x grid_w feature grid to cut from each side, the padding that centred
-    a height x width image on its canvas."""
-    if width / height > grid_w / grid_h:
-        return (grid_h - int(round(height * (grid_w / width), 7))) // 2, 0
-    return 0, (grid_w - int(round(width * (grid_h / height), 7))) // 2
-
-
-def image_token_count(cfg, height, width):
-    """Image tokens of one height x width image: cfg.image_seq_length for LLaVA-1.5; for LLaVA-NeXT the base view's,
-    plus the un-padded grid's, plus one image_newline per grid row."""
-    if cfg.image_grid_pinpoints is None:
-        return cfg.image_seq_length
-    side = cfg.vision.image_size // cfg.vision.patch_size
-    rows, cols = anyres_grid(cfg, height, width)
-    top, left = unpad_offsets(height, width, rows * side, cols * side)
-    grid_h, grid_w = rows * side - 2 * top, cols * side - 2 * left
-    return side * side + grid_h * (grid_w + 1)
-
-
-def anyres_crops(cfg, pixel_values, image_sizes, layers):
-    """The crops of every image (base view first; the zero crops that pad a batch dropped) as one (crops, 3, H, W)
-    batch, and the image layer of each crop: its image's."""
-    if image_sizes is None or pixel_values.ndim != 5:
-        missing = "" if image_sizes is not None else ", no image_sizes"
-        raise InputError(f"LLaVA-NeXT takes pixel_values (B, crops, 3, H, W) and image_sizes (B, 2); got pixel_values "
-                         f"of shape {tuple(pixel_values.shape)}{missing}")
-    sizes = torch.as_tensor(image_sizes).tolist()
-    if len(sizes) != pixel_values.shape[0]:
-        raise InputError(f"got {len(sizes)} image_sizes for {pixel_values.shape[0]} images; expected one each")
-    n = [1 + math.prod(anyres_grid(cfg, h, w)) for h, w in sizes]
-    if max(n) > pixel_values.shape[1]:
-        raise InputError(f"an image of size {sizes[n.index(max(n))]} needs {max(n)} crops, pixel_values has "
-                         f"{pixel_values.shape[1]} (preprocess with encode_batch or preprocess_anyres)")
-    crops = torch.cat([pv[:k] for pv, k in zip(pixel_values, n)])
-    return crops, [layer for layer, k in zip(layers, n) for _ in range(k)]
-
-
-def pack_anyres(cfg, feats, image_sizes, newline):
-    """(tokens, D) image tokens of a batch, image after image, from the projected crop features (crops, N, D): each
-    image's base view, then its crops stitched into one feature grid, un-padded, image_newline ending each row."""
-    side = cfg.vision.image_size // cfg.vision.patch_size
-    out, i = [], 0
-    for height, width in torch.as_tensor(image_sizes).tolist():
-        rows, cols = anyres_grid(cfg, height, width)
-        grid = feats[i + 1:i + 1 + rows * cols].view(rows, cols, side, side, -1)
-        grid = grid.permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)  # crop rows side by side
-        top, left = unpad_offsets(height, width, rows * side, cols * side)
-        grid = grid[top:rows * side - top, left:cols * side - left]
-        grid = torch.cat([grid, newline.to(grid.dtype).expand(grid.shape[0], 1, -1)], dim=1)
-        out += [feats[i], grid.flatten(0, 1)]
-        i += 1 + rows * cols
-    return torch.cat(out)
-
-
-# -----------------------------------------------------------------------------
-# The VLM: vision tower + projector + Llama decoder (+ an optional value head for PPO)
-
-class VLM(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.vision_tower = CLIPVisionTower(cfg.vision)
-        self.multi_modal_projector = Projector(cfg)
-        if cfg.image_grid_pinpoints is not None:  # LLaVA-NeXT: the learned token that ends each row of an image's grid
-            self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
-        self.language_model = LlamaModel(cfg.text)
-        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        if cfg.text.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
-        self.value_head = None
-        self.lora_config = None
-        self.decode_step = None  # compile_decode sets it: generate then runs the compiled step (generate_static)
-
-    # the keyword inputs beyond pixel_values that this family's forward, hidden_states and generate take for its
-    # images, as encode_batch returns them; per_token_inputs among them have a token axis (dim 1) beside input_ids'
-    per_token_inputs = ()
-
-    @property
-    def image_inputs(self):
-        return ("image_sizes",) if self.config.image_grid_pinpoints is not None else ()
-
-    def add_value_head(self):
-        """A scalar value per token for PPO's critic, read off the decoder's final hidden state."""
-        p = self.lm_head.weight
-        self.value_head = nn.Linear(self.config.text.hidden_size, 1, device=p.device, dtype=torch.float32)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        return self.value_head
-
-    def values(self, hidden):
-        """(B, T) float32 values; the head runs in float32 even when the decoder runs in bf16."""
-        return self.value_head(hidden.float()).squeeze(-1)
-
-    def image_layer_index(self, layer):
-        """Map a hidden_states index (None = checkpoint default, negative counts from the end) to 0..L."""
-        L = self.config.vision.num_hidden_layers
-        layer = self.config.vision_feature_layer if layer is None else int(layer)
-        if not -(L + 1) <= layer <= L:
-            raise InputError(f"image layer {layer} is out of range for a {L}-layer vision tower "
-                             f"(expected {-(L + 1)}..{L}, or None for the default {self.config.vision_feature_layer})")
-        return layer % (L + 1)
-
-    def vision_features(self, pixel_values, layer=None, image_sizes=None):
-        """(B, N, D_vision) hidden state of CLIP layer `layer` (int, or one per image), CLS dropped for 'default'.
-        LLaVA-NeXT, pixel_values (B, crops, 3, H, W) with image_sizes (B, 2): one row per crop of every image, in order
-        (anyres_crops), each at its image's layer."""
-        B = pixel_values.shape[0]
-        per_image = isinstance(layer, (list, tuple)) or (torch.is_tensor(layer) and layer.ndim == 1)
-        layers = [self.image_layer_index(l) for l in layer] if per_image else [self.image_layer_index(layer)] * B
-        if len(layers) != B:
-            raise InputError(f"got {len(layers)} image layers for {B} images; expected one per image")
-        if self.config.image_grid_pinpoints is not None:
-            pixel_values, layers = anyres_crops(self.config, pixel_values, image_sizes, layers)
-        p = self.vision_tower.embeddings.patch_embedding.weight
-        hs = self.vision_tower(pixel_values.to(p.dtype), set(layers))
-        x = hs[layers[0]] if len(hs) == 1 else torch.stack([hs[l][i] for i, l in enumerate(layers)])
-        return x[:, 1:] if self.config.vision_feature_select_strategy == "default" else x
-
-    def embed(self, input_ids, pixel_values=None, image_layer=None, image_sizes=None):
-        """Token embeddings with the image-token positions replaced by projected layer-`image_layer` features."""
-        x = self.language_model.embed_tokens(input_ids)
-        is_image = input_ids == self.config.image_token_id
-        # the count is data: torch.compile would break its graph here, so the compiled training forward (sft.py) skips
-        # the check; its batches are built with exactly image_seq_length image tokens per image (fit_prompt)
-        n = None if torch.compiler.is_compiling() else int(is_image.sum())
-        if pixel_values is None:
-            if n:
-                raise InputError(f"input_ids hold {n} image tokens but no pixel_values were given")
-            return x
-        feats = self.multi_modal_projector(self.vision_features(pixel_values, image_layer, image_sizes))
-        if self.config.image_grid_pinpoints is not None:
-            feats = pack_anyres(self.config, feats, image_sizes, self.image_newline)
-            if n is not None and n != feats.shape[0]:
-                raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} for images of sizes "
-                                 f"{torch.as_tensor(image_sizes).tolist()} (expand <image> to image_token_count "
-                                 "tokens per image, see encode_batch)")
-            return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
-        if n is not None and n != feats.shape[0] * feats.shape[1]:
-            raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} images x {feats.shape[1]} "
-                             "(expand <image> to config.image_seq_length tokens per image, see encode_batch)")
-        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
-
-    def hidden_states(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, image_sizes=None):
-        """The decoder's final (normed) hidden states (B, T, D), image tokens taken from layer `image_layer`.
-
-        With padding, pass attention_mask: positions then count from each row's first real token,
-        so a left-padded row gives the same result as that row alone. LLaVA-NeXT also needs image_sizes.
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return decoder_states(self, self.embed(input_ids, pixel_values, image_layer, image_sizes), attention_mask)
-
-    def unpadded_logits(self, input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes=None):
-        """forward(..., logits_at=logits_at) of right-padded rows (sft.collate's), with the decoder run on the real
-        tokens only, one row after another: no layer does any work for padding (about a fifth of the tokens of a
-        batch of the safety data). The same logits up to float32 rounding."""
-        B, T = input_ids.shape
-        keep = attention_mask.bool()
-        lengths = keep.sum(1)
-        if not torch.equal(keep, torch.arange(T, device=keep.device) < lengths[:, None]):
-            raise InputError("unpadded forward: attention_mask is not right padding; expected each row's 1s first, "
-                             "then only 0s (sft.collate)")
-        if logits_at is None or logits_at.dtype != torch.bool or bool((logits_at & ~keep).any()):
-            raise InputError("unpadded forward: expected logits_at, a (B, T) bool mask of real (unpadded) tokens")
-        if self.config.text.sliding_window is not None:
-            raise InputError(f"unpadded forward: the decoder has a sliding window of {self.config.text.sliding_window}"
-                             "; expected none (run the padded forward)")
-        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)[keep]
-        positions = torch.arange(T, device=keep.device).expand(B, T)[keep]
-        hidden = self.language_model(x, positions, lengths.tolist())
-        return self.lm_head(hidden[logits_at[keep]])
-
-    def response_logits(self, hidden):
-        """Logits for generated tokens: the image placeholder can never be a response token, since the next
-        forward pass would splice image features into its slot, so it gets probability 0."""
-        logits = self.lm_head(hidden)
-        return logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
-
-    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
-                logits_at=None, image_sizes=None, unpadded=False):
-        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
-        With `logits_at`, a (B, T) bool mask, only the logits at those positions, (N, V): training needs them only
-        where a label follows, and the vocabulary head over every image and prompt position is costly. Under
-        torch.compile pass flat indices into the B*T positions instead (a long tensor): N is then a fixed shape.
-        unpadded=True: the same (N, V) logits of right-padded rows from unpadded_logits, which skips the padding."""
-        if unpadded:
-            if return_hidden:
-                raise InputError("unpadded=True gives the logits only; expected return_hidden=False")
-            return self.unpadded_logits(input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes)
-        hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask, image_sizes)
-        if logits_at is None:
-            logits = self.lm_head(hidden)
-        else:
-            at = hidden[logits_at] if logits_at.dtype == torch.bool else hidden.flatten(0, 1)[logits_at]
-            logits = self.lm_head(at)
-        return (logits, hidden) if return_hidden else logits
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
-                 image_sizes=None):
-        """Sample continuations of a left-padded batch with a static KV cache.
-
-        Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
-        pad_token_id after each row's first EOS (the EOS itself kept). logprobs (B, n) float32 are the
-        log-probabilities of the chosen tokens under softmax(response_logits / temperature), the same quantity
-        a training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
-        and scores under softmax(logits). logprobs is None unless return_logprobs.
-        After compile_decode(self, ...), the same tokens come from the compiled decode step (generate_static).
-        """
-        if self.decode_step is not None:
-            return generate_static(self, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens,
-                                   temperature, top_p, eos_token_id, return_logprobs, generator, image_sizes)
-        B, T0 = input_ids.shape
-        dev = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
-        cfg = self.config.text
-        S = T0 + max_new_tokens
-        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)
-        window = cfg.sliding_window
-        cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim, x.dtype, dev)
-        key_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
-        key_valid[:, :T0] = attention_mask.bool()
-        k_pos = torch.arange(S, device=dev)
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        prompt_pos = k_pos[:T0]
-        with packed_weights([self.language_model], B):  # faster for the prompt's B * T0 rows too, the same values
-            hidden = self.language_model(x, pos, build_mask(key_valid[:, :T0], prompt_pos, prompt_pos, window), cache,
-                                         prompt_pos)
-        logits = self.response_logits(hidden[:, -1]).float()
-        pos = pos[:, -1:]
-        tokens, logprobs = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        # each decode step reads every weight for a few rows: on oneDNN, weights packed once (see packed_weights)
-        with packed_weights([self.language_model, self.lm_head], B):
-            for t in range(max_new_tokens):
-                tok, lp = sample_token(logits, temperature, top_p, generator, return_logprobs)
-                tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
-                tokens.append(tok)
-                if return_logprobs:
-                    logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-                done = done | torch.isin(tok, eos)
-                if bool(done.all()) or t == max_new_tokens - 1:
-                    break
-                n = T0 + t + 1  # cache positions in use, this step's included
-                cur = k_pos[n - 1:n]
-                key_valid[:, n - 1] = True
-                pos = pos + 1
-                # the keys so far are all before this token: no causal mask to build, only padding (and a window)
-                mask = key_valid[:, None, None, :n] if window is None else \
-                    build_mask(key_valid[:, :n], cur, k_pos[:n], window)
-                h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos, mask, cache, cur)
-                logits = self.response_logits(h[:, -1]).float()
-        tokens = torch.stack(tokens, 1)
-        return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load a llava checkpoint folder (or hub id, when online) without ever holding two copies of the weights.
-
-        A plain Llama checkpoint (the Llama Guard judge) loads as a VLM without an image side: only the decoder and
-        lm_head get weights, the vision tower and projector stay on the meta device and must never be called."""
-        path = resolve_checkpoint(path)
-        where = os.path.join(path, "config.json")
-        d = read_json(where)
-        if d.get("model_type") == "mllama":
-            return MllamaVLM.from_pretrained(path, device, dtype)
-        text_only = d.get("model_type") == "llama"
-        if text_only:
-            d = {"model_type": "llava", "text_config": d, "pad_token_id": d.get("pad_token_id")}
-        cfg = config_from_hf(d, where)
-        if text_only:
-            cfg.image_token_id = -1  # no image token: every id is text
-        with torch.device("meta"):
-            model = cls(cfg)
-        tied = cfg.text.tie_word_embeddings
-        to_ours = (lambda k: "language_model." + k[6:] if k.startswith("model.") else k) if text_only else from_hf_key
-        rename = lambda k: None if tied and to_ours(k) == "lm_head.weight" else to_ours(k)
-        expected = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")
-                    and (not text_only or k.startswith(("language_model.", "lm_head.")))]
-        load_weights(model, path, rename, device, dtype, expected=expected)
-        if tied:
-            model.lm_head.weight = model.language_model.embed_tokens.weight
-        # the rotary buffer is computed, not stored: rebuild it on the real device
-        model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
-        model.source_path = path  # where the tokenizer lives, also when `path` was a hub id
-        return model.eval()
-
-    def save_pretrained(self, path):
-        """Write a llava-hf checkpoint folder (on-disk key layout of llava-hf/llava-1.5-7b-hf), atomically."""
-        if lora_modules(self):
-            raise InputError("merge_lora(vlm) before save_pretrained: a llava checkpoint has no place for adapters")
-        sd = {}
-        for k, v in self.state_dict().items():
-            if k.startswith("value_head.") or (k == "lm_head.weight" and self.config.text.tie_word_embeddings):
-                continue
-            sd[to_hf_key(k)] = v.detach().contiguous().cpu()
-        with atomic_folder(path) as tmp:
-            atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(config_to_hf(self.config), f, indent=2)
-
-
-def sample_token(logits, temperature, top_p, generator=None, logprob=True):
-    """Draw one token per row from float32 logits (B, V); return it and its log-probability (greedy with
-    logprob=False: None, as argmax needs no normalisation)."""
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        if not logprob:
-            return tok, None
-        # the chosen token's logit minus logsumexp: no (B, V) log_softmax for the one value per row that is kept
-        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
-    logp = torch.log_softmax(logits / temperature, -1)
-    probs = logp.exp()
-    if top_p < 1.0:
-        # nucleus: keep the smallest set of most-likely tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
-
-
-# -----------------------------------------------------------------------------
-# Scoring what was sampled: the same temperature as sample_token, so that a rollout's logprobs and the ones PPO
-# trains on agree
-
-
-def first_eos_mask(tokens, eos_id):
-    """(B, T) mask that is 1 up to and including each row's first EOS, and a (B,) bool: did the row have an EOS."""
-    is_eos = (tokens == eos_id).long()
-    # number of EOS strictly before t; the response is everything before the first EOS and that EOS itself
-    eos_before = torch.cumsum(is_eos, dim=1) - is_eos
-    return (eos_before == 0).long(), is_eos.any(dim=1)
-
-
-def logprobs_from_logits(logits, tokens, temperature=1.0):
-    """log π(token_t) under softmax(logits / temperature)."""
-    # old, reference and new logprobs must all see the sampling temperature, or the ratio and KL are off at step 0
-    logits = logits.float() / temperature
-    # gather minus logsumexp skips building a full (B, T, V) log_softmax tensor
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits, temperature=1.0):
-    """Entropy of softmax(logits / temperature) per position."""
-    logits = logits.float() / temperature
-    # H = -Σ p·log p, where a token with p = 0 (a -inf logit, e.g. the suppressed image token) adds 0, not NaN
-    logp = F.log_softmax(logits, dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-
-# -----------------------------------------------------------------------------
-# torch.compile: a compiled decode step (gpt-fast's decode_one_token) and what keeps compiled code compiled once.
-# Dynamo guards on every shape, Python value and module flag a compiled function reads; a guard that fails recompiles,
-# and past torch._dynamo.config.recompile_limit it silently runs eager. So the KV cache has one fixed size, the
-# per-token mask is computed from tensors instead of built in Python, and the training forwards pad their lengths to
-# multiples of LENGTH_BUCKET (lppo.py, sft.py, reward.py with --compile).
-#
-# On a GPU:  compile_decode(vlm, batch_size, max_len), then vlm.generate(...) as always. The decode step runs as CUDA
-# graphs (mode="reduce-overhead"); the first call compiles (about a minute), later calls replay. On a CPU it compiles
-# to C++ with inductor, which is how the tests check it gives the eager tokens.
-
-LENGTH_BUCKET = 64
-
-
-def round_up(n, multiple):
-    return -(-n // multiple) * multiple
-
-
-class DecodeCache(KVCache):
-    """The KVCache of compile_decode, allocated once at a fixed (batch, max_len): the compiled step always sees the
-    same shapes, and under CUDA graphs the same addresses. `valid` (batch, max_len) is False on left padding."""
-
-    def __init__(self, cfg, batch, max_len, dtype, device):
-        super().__init__(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
-        self.register_buffer("valid", torch.ones(batch, max_len, dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("k_pos", torch.arange(max_len, device=device), persistent=False)
-
-
-def decode_one_token(vlm, tok, pos, cache_pos):
-    """Float32 next-token logits (B, V) after one token per row, tok (B,) at rotary positions pos (B, 1), written to
-    cache slot cache_pos (1,). The mask is computed from tensors (a row sees its valid keys up to cache_pos): every
-    step of every generate call has the same shapes and Python values, so this compiles once."""
-    cache, lm = vlm.decode_cache, vlm.language_model
-    mask = (cache.valid & (cache.k_pos <= cache_pos))[:, None, None]
-    h = lm(lm.embed_tokens(tok[:, None]), pos, mask, cache, cache_pos)
-    return vlm.response_logits(h[:, -1]).float()
-
-
-def compile_decode(vlm, batch_size, max_len, mode=None):
-    """Make vlm.generate run a compiled decode step over a static KV cache of batch_size rows x max_len positions
-    (prompt + new tokens); any smaller batch and shorter prompt reuse it. mode None: "reduce-overhead" (CUDA graphs)
-    on a GPU, inductor's default elsewhere. Call it after add_lora: adapters are part of the compiled step."""
-    if isinstance(vlm.config, MllamaConfig):
-        raise InputError("compile_decode: the compiled decode step is for llava and llava_next checkpoints; an mllama "
-                         "model generates eagerly (compile=False)")
-    window = vlm.config.text.sliding_window
-    if window is not None and max_len > window:
-        raise InputError(f"compile_decode: max_len={max_len} is longer than the sliding window of {window}; the "
-                         "compiled step has no window, expected max_len <= sliding_window")
-    emb = vlm.language_model.embed_tokens.weight
-    vlm.decode_cache = DecodeCache(vlm.config.text, batch_size, max_len, emb.dtype, emb.device)
-    for buf in vlm.decode_cache.buffers():
-        torch._dynamo.mark_static_address(buf)  # CUDA graphs then write the cache in place, never into a copy
-    mode = mode or ("reduce-overhead" if emb.device.type == "cuda" else "default")
-    vlm.decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
-    return vlm
-
-
-@torch.no_grad()
-def generate_static(vlm, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, temperature, top_p,
-                    eos_token_id, return_logprobs, generator, image_sizes=None, check_every=8):
-    """VLM.generate on the compiled step: the same sampling, in the same order, so the same tokens and logprobs.
-
-    The prompt is prefilled in one eager call; then each token is one call of vlm.decode_step, with no host sync:
-    whether every row has ended is asked only every `check_every` tokens, and the extra tokens are cut at the end."""
-    cache, cfg = vlm.decode_cache, vlm.config
-    (B, T0), (Bc, S) = input_ids.shape, cache.valid.shape
-    if B > Bc or T0 + max_new_tokens > S:
-        raise InputError(f"generate: {B} prompts of {T0} tokens + max_new_tokens={max_new_tokens} do not fit the "
-                         f"compiled KV cache of {Bc} rows x {S} positions; expected a larger compile_decode(vlm, "
-                         "batch_size, max_len)")
-    dev = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
-    # rows B..Bc are filler that keeps the shapes fixed: all-valid zero embeddings, never read
-    x = F.pad(vlm.embed(input_ids, pixel_values, image_layer, image_sizes), (0, 0, 0, 0, 0, Bc - B))
-    cache.valid.fill_(True)
-    cache.valid[:, :T0] = F.pad(attention_mask, (0, 0, 0, Bc - B), value=1).bool()
-    pos = (cache.valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)
-    prompt_pos = cache.k_pos[:T0]
-    hidden = vlm.language_model(x, pos, build_mask(cache.valid, prompt_pos, cache.k_pos), cache, prompt_pos)
-    logits = vlm.response_logits(hidden[:B, -1]).float()
-    pos, cache_pos = pos[:, -1:], cache.k_pos[T0 - 1:T0].clone()
-    tokens, logprobs, all_done = [], [], []
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    for t in range(max_new_tokens):
-        tok, lp = sample_token(logits, temperature, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, cfg.pad_token_id), tok)
-        tokens.append(tok)
-        logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-        done = done | torch.isin(tok, eos)
-        all_done.append(done.all())
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(all_done[-1])):
-            break
-        pos, cache_pos = pos + 1, cache_pos + 1
-        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: CUDA graphs may reuse them
-        logits = vlm.decode_step(vlm, F.pad(tok, (0, Bc - B), value=cfg.pad_token_id), pos, cache_pos)[:B]
-    # the eager loop stops at the first step after which every row has ended; all_done is False, then True
-    n = len(tokens) - max(int(torch.stack(all_done).sum()) - 1, 0)
-    tokens = torch.stack(tokens[:n], 1)
-    return tokens, (torch.stack(logprobs[:n], 1) if return_logprobs else None)
-
-
-def decoder_states(vlm, x, attention_mask):
-    """VLM.hidden_states after the embedding: the decoder on embeddings x (B, T, D); with padding, positions count
-    from each row's first real token. A compiled training forward calls this on vlm.embed's output, so that the image
-    side, with its checks and per-row layers, stays eager."""
-    T = x.shape[1]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    idx = torch.arange(T, device=x.device)
-    window = vlm.config.text.sliding_window
-    return vlm.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx, window))
-
-
-def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
-    """lppo.response_forward after the embedding, on [prompt; response] embeddings x: what lppo.py's `compile`
-    compiles. Every shape in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket
-    and grad mode."""
-    hidden = decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1]
-    logits = vlm.response_logits(hidden)
-    return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
-            vlm.values(hidden) if with_values else None)
-
-
-def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
-    """lppo.response_forward for `compile`: the prompt left-padded and the response right-padded to multiples of
-    `bucket` (padding is masked, so every number is unchanged), the image side run eagerly, `heads` (decoder_heads,
-    compiled) on the rest."""
-    T0, n = ro["input_ids"].shape[1], ro["tokens"].shape[1]
-    left, right = round_up(T0, bucket) - T0, round_up(n, bucket) - n
-    pad = vlm.config.pad_token_id
-    tokens = F.pad(ro["tokens"], (0, right), value=pad)
-    ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
-    mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
-    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
-    logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
-    return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint files: key layouts, safetensors shards, atomic writes
 
 # Every prefix a llava checkpoint key may carry, mapped to our module names. Order matters: longest first.
 KEY_PREFIXES = [
@@ -1358,6 +1012,64 @@ def load_weights(module, path, rename, device, dtype, expected=None, transpose=(
         raise InputError(f"{path}: missing weights {_listing(missing)}")
     module.load_state_dict(loaded, strict=False, assign=True)
     return loaded
+
+
+def lora_state_dict(vlm):
+    return {k: v.detach() for k, v in vlm.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
+
+
+def save_lora(vlm, path):
+    """Save adapters (and the value head, if any) as one safetensors file, atomically."""
+    sd = lora_state_dict(vlm)
+    if vlm.value_head is not None:
+        sd.update({f"value_head.{k}": v.detach() for k, v in vlm.value_head.state_dict().items()})
+    meta = {"lora_config": json.dumps(vlm.lora_config)}
+    atomic_save_safetensors({k: v.contiguous().cpu() for k, v in sd.items()}, path, metadata=meta)
+
+
+def save_peft_adapter(vlm, folder, base_model=""):
+    """Write the adapters as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json), so that
+    transformers + peft users can load them onto LlavaForConditionalGeneration."""
+    cfg = vlm.lora_config
+    sd = {}
+    for k, v in lora_state_dict(vlm).items():
+        # ours: language_model.layers.0.self_attn.q_proj.lora_A -> peft: ...q_proj.lora_A.weight on the HF module tree
+        module, _, which = k.rpartition(".")
+        sd[f"base_model.model.model.{module}.{which}.weight"] = v.contiguous().cpu()
+    adapter_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_model),
+        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "bias": "none",
+        # a regex, so that the vision tower's q_proj/k_proj/v_proj are not adapted too
+        "target_modules": rf".*language_model.*\.({'|'.join(cfg['targets'])})",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None,
+    }
+    with atomic_folder(folder) as tmp:
+        atomic_save_safetensors(sd, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(adapter_config, f, indent=2)
+
+
+def load_lora(vlm, path):
+    """Load adapters saved by save_lora, adding them (and a value head) to `vlm` first if it has none."""
+    with _open_safetensors(path) as f:
+        lcfg = json.loads((f.metadata() or {}).get("lora_config", "null"))
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if lcfg is None:
+        raise InputError(f"{path}: not a LoRA adapter written by save_lora (no lora_config metadata)")
+    if any(k.startswith("value_head.") for k in sd) and vlm.value_head is None:
+        vlm.add_value_head()
+    if not lora_modules(vlm):
+        add_lora(vlm, lcfg["targets"], lcfg["r"], lcfg["alpha"], lcfg["dropout"])
+    own = vlm.state_dict()
+    for k, v in sd.items():
+        if k not in own:
+            raise InputError(f"{path}: adapter key {k} does not exist in this model")
+        if own[k].shape != v.shape:
+            raise InputError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        with torch.no_grad():
+            own[k].copy_(v)
+    return vlm
 
 
 # -----------------------------------------------------------------------------
@@ -1616,9 +1328,10 @@ def prompt_room(tok, cfg, prompts, max_new_tokens, image=True):
     return max_len
 
 
-# -----------------------------------------------------------------------------
+# =============================================================================
 # Llama 3.2 Vision (model_type "mllama"): a tiled ViT whose features reach the Llama decoder through gated
-# cross-attention layers, instead of being spliced into the token sequence.
+# cross-attention layers, instead of being spliced into the token sequence. Reached only through
+# VLM.from_pretrained, which hands an mllama checkpoint to MllamaVLM.from_pretrained.
 #
 #   image -> tiles (MllamaImageProcessor) -> patch conv + gated tile/position embeddings -> layernorm_pre
 #         -> local ViT (h_0..h_L, taps at intermediate_layers_indices) -> layernorm_post + post-tile embedding
@@ -1626,6 +1339,7 @@ def prompt_room(tok, cfg, prompts, max_new_tokens, image=True):
 #   text  -> Llama decoder in which the layers listed in cross_attention_layers attend to those states
 #
 # The ICET image layer of mllama is a layer of the local ViT: see MllamaVisionModel.
+# =============================================================================
 
 @dataclass
 class MllamaVisionConfig:
@@ -2077,7 +1791,7 @@ class MllamaVLM(VLM):
         return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, fast=True):
         """Load an mllama checkpoint folder (hub layout, or the one transformers >= 4.52 keeps in memory; single or
         sharded), built on the meta device so that the weights exist once."""
         path = resolve_checkpoint(path)
@@ -2088,7 +1802,7 @@ class MllamaVLM(VLM):
         load_weights(model, path, mllama_from_hf_key, device, dtype)
         model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
         model.source_path = path
-        return model.eval()
+        return (speed_up(model) if fast else model).eval()
 
     def save_pretrained(self, path):
         """Write an mllama checkpoint folder in the hub's key layout (meta-llama/Llama-3.2-11B-Vision), atomically."""
@@ -2223,3 +1937,384 @@ def mllama_encode_images(cfg, images, input_ids):
             "aspect_ratio_mask": ar_mask[:, None],
             "cross_attention_mask": mllama_cross_attention_mask(input_ids, cfg.image_token_id, [[n] for n in n_tiles],
                                                                 v.max_num_tiles)}
+
+
+# =============================================================================
+# Speed: what makes the networks above fast without changing what they compute. One call, speed_up(model), swaps it
+# into a loaded model (VLM.from_pretrained and the reward model's loader make it): every nn.Linear runs on oneDNN on
+# the CPU, q/k/v and gate/up become one matmul each where their weights are packed, generate packs its weights for the
+# batch once, and a right-padded training batch may run its decoder on the real tokens only (forward(unpadded=True)).
+# Opt-in, behind a `compile` flag: a compiled decode step (compile_decode) and compiled, bucketed training forwards.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# Linear layers whose CPU matmuls run on oneDNN. PyTorch's CPU builds send a float32 nn.Linear to MKL's sgemm,
+# which on AMD CPUs runs at about half the speed of oneDNN's (also bundled with PyTorch) for the shapes of a
+# training step or a batched decode step (bench.py prints both). The results agree to float32 rounding.
+
+# measured on x86-64 only (elsewhere PyTorch's own BLAS choice stands); bench.py switches it off to time MKL
+ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+PACKED = {}  # ids of weights packed together -> (weakrefs to them, their versions and addresses, rows, packed copy)
+ACTIVE = {}  # id(weight), or id(module) for its FUSED projections -> packed copy, while packed_weights() is entered
+
+
+def packed_copy(weights, rows):
+    """The weights stacked along their output axis, reordered by oneDNN for inputs of about `rows` rows; reordered
+    once and reused for as long as they live and are unchanged. Every in-place write (an optimizer step, merge_lora's
+    copy_, load_state_dict) bumps a weight's _version, and moving it (.to(), .data = ...) changes its address; either
+    repacks. A write through w.data is not seen: it has its own version counter (nothing here writes weights so)."""
+    key = tuple(id(w) for w in weights)
+    state = [(w._version, w.data_ptr()) for w in weights]
+    entry = PACKED.get(key)
+    if entry is not None and all(r() is w for r, w in zip(entry[0], weights)) and entry[1:3] == (state, rows):
+        return entry[3]
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+    packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), rows)
+    # the copy goes when a weight goes: the callback drops it (a dead weight's id may be reused by a new tensor)
+    drop = lambda _: PACKED.pop(key, None)
+    PACKED[key] = ([weakref.ref(w, drop) for w in weights], state, rows, packed)
+    return packed
+
+
+def use_onednn(x):
+    """Whether `linear` takes the oneDNN path for input x: float32 on a CPU whose PyTorch has oneDNN, outside
+    torch.compile (which picks its own kernels)."""
+    return ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
+@contextmanager
+def packed_weights(modules, rows):
+    """While inside, `linear` multiplies by copies of the Linear weights of `modules` that oneDNN has reordered for
+    inputs of about `rows` rows, instead of reordering them at every call. A decode step of a few rows is bound by
+    reading the weights, and at 8 rows it runs ~1.5x faster this way (at 1 row there is no gain, so nothing is packed).
+    A module's FUSED projections of one input (q, k and v; gate and up), when all plain bias-free Linears, are stacked
+    into one matmul (`project`): fewer, larger matmuls, ~5% faster. The copies are kept between calls (packed_copy):
+    a second copy of those weights for as long as they live, which saves reordering them at every generate call.
+    No-grad only."""
+    outer = dict(ACTIVE)
+    if rows > 1:
+        fused = set()
+        for module in modules:
+            for m in module.modules():
+                linears = [getattr(m, name) for name in getattr(m, "FUSED", ())]
+                if linears and all(type(l) is Linear and l.bias is None and use_onednn(l.weight) for l in linears):
+                    ACTIVE[id(m)] = packed_copy([l.weight for l in linears], rows)
+                    fused.update(id(l) for l in linears)
+        ACTIVE.update({id(m.weight): packed_copy([m.weight], rows) for module in modules for m in module.modules()
+                       if isinstance(m, Linear) and id(m) not in fused and use_onednn(m.weight)})
+    try:
+        yield
+    finally:
+        ACTIVE.clear()
+        ACTIVE.update(outer)
+
+
+def project(module, x, *linears):
+    """[linear(x) for linear in linears], in one matmul by the stacked copy that packed_weights made for module's FUSED
+    projections, where it made one."""
+    if id(module) in ACTIVE and use_onednn(x) and not torch.is_grad_enabled():
+        y = torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(module)], None, "none", [], "")
+        return y.split([l.out_features for l in linears], -1)
+    return [l(x) for l in linears]
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b through oneDNN, with the backward pass through oneDNN too; x is kept for backward only when
+    W is trained (a frozen base weight under LoRA needs only W for the input's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # dL/dx = g W, a linear layer with weight W^T
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:  # dL/dW = g^T x, with its shorter side as rows: for LoRA's thin A and B that
+            g, x = grad.flatten(0, -2), x.flatten(0, -2)  # is several times faster
+            grad_w = g.t() @ x if g.shape[1] <= x.shape[1] else (x.t() @ g).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.flatten(0, -2).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x, weight, bias=None):
+    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy inside packed_weights."""
+    if not use_onednn(x):
+        return F.linear(x, weight, bias)
+    if id(weight) in ACTIVE and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(weight)], bias, "none", [], "")
+    return OneDNNLinear.apply(x, weight, bias)
+
+
+class OneDNNLoRALinear(LoRALinear):
+    """LoRALinear whose adapter matmuls run `linear` too: add_lora wraps a sped-up Linear in it (Linear.lora_class)."""
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + linear(linear(self.dropout(x), a) * self.scale, b)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) that runs `linear`."""
+    lora_class = OneDNNLoRALinear
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+# -----------------------------------------------------------------------------
+# The speed path of the Llama decoder and the VLM, and speed_up, which swaps it in
+
+class FusedLlamaAttention(LlamaAttention):
+    """LlamaAttention with q, k and v in one matmul where packed_weights stacked them (`project`), and a forward of
+    unpadded rows."""
+    FUSED = ("q_proj", "k_proj", "v_proj")  # projections of the same input that packed_weights may stack
+
+    def qkv(self, x):
+        return project(self, x, self.q_proj, self.k_proj, self.v_proj)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+        if x.dim() == 2:
+            return self.forward_unpadded(x, cos, sin, mask)
+        return super().forward(x, cos, sin, mask, cache, cache_pos)
+
+    def forward_unpadded(self, x, cos, sin, lengths):
+        """x (N, D): the tokens of rows of these lengths, one row after another, no padding (FastVLM.unpadded_logits).
+        Each row attends causally within itself: is_causal lets SDPA skip the masked half that a padded mask makes
+        it compute, which more than pays for one call per row."""
+        N = x.shape[0]
+        q, k, v = project(self, x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = q.view(N, self.n_head, -1), k.view(N, self.n_kv_head, -1), v.view(N, self.n_kv_head, -1)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # each row as a batch of one (B, H, T, hd): SDPA's flash kernel, not the slower math one it picks for 3-D inputs
+        rows = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True,
+                                               enable_gqa=self.n_kv_head != self.n_head)[0].transpose(0, 1)
+                for qkv in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+        return self.o_proj(torch.cat(rows).reshape(N, -1))
+
+class FusedLlamaMLP(LlamaMLP):
+    """LlamaMLP with gate and up in one matmul where packed_weights stacked them."""
+    FUSED = ("gate_proj", "up_proj")
+
+    def forward(self, x):
+        gate, up = project(self, x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+
+
+class FastVLM(VLM):
+    """VLM whose generate packs the decoder's weights for its batch (or runs compile_decode's compiled step), and whose
+    forward can skip the padding of right-padded rows (unpadded=True)."""
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
+                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
+                 image_sizes=None):
+        """VLM.generate; after compile_decode(self, ...), the same tokens from the compiled decode step
+        (generate_static). Each decode step reads every weight for a few rows: on oneDNN, weights packed once for the
+        batch are faster (packed_weights), for the prompt's B * T0 rows too, with the same values."""
+        args = (input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, temperature, top_p,
+                eos_token_id, return_logprobs, generator, image_sizes)
+        if getattr(self, "decode_step", None) is not None:
+            return generate_static(self, *args)
+        with packed_weights([self.language_model, self.lm_head], input_ids.shape[0]):
+            return super().generate(*args)
+
+    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
+                logits_at=None, image_sizes=None, unpadded=False):
+        """VLM.forward; unpadded=True: the same (N, V) logits of right-padded rows from unpadded_logits, which skips
+        the padding."""
+        if unpadded:
+            if return_hidden:
+                raise InputError("unpadded=True gives the logits only; expected return_hidden=False")
+            return self.unpadded_logits(input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes)
+        return super().forward(input_ids, pixel_values, image_layer, attention_mask, return_hidden, logits_at,
+                               image_sizes)
+
+    def unpadded_logits(self, input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes=None):
+        """forward(..., logits_at=logits_at) of right-padded rows (sft.collate's), with the decoder run on the real
+        tokens only, one row after another: no layer does any work for padding (about a fifth of the tokens of a
+        batch of the safety data). The same logits up to float32 rounding."""
+        B, T = input_ids.shape
+        keep = attention_mask.bool()
+        lengths = keep.sum(1)
+        if not torch.equal(keep, torch.arange(T, device=keep.device) < lengths[:, None]):
+            raise InputError("unpadded forward: attention_mask is not right padding; expected each row's 1s first, "
+                             "then only 0s (sft.collate)")
+        if logits_at is None or logits_at.dtype != torch.bool or bool((logits_at & ~keep).any()):
+            raise InputError("unpadded forward: expected logits_at, a (B, T) bool mask of real (unpadded) tokens")
+        if self.config.text.sliding_window is not None:
+            raise InputError(f"unpadded forward: the decoder has a sliding window of {self.config.text.sliding_window}"
+                             "; expected none (run the padded forward)")
+        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)[keep]
+        positions = torch.arange(T, device=keep.device).expand(B, T)[keep]
+        hidden = self.language_model(x, positions, lengths.tolist())
+        return self.lm_head(hidden[logits_at[keep]])
+
+
+def speed_up(model):
+    """Swap the speed path into `model` in place and return it: the same parameters and state dict, the same numbers
+    up to float32 rounding. Call it once, on a loaded model, before add_lora and add_value_head (whose layers then stay
+    as they are made). Of an mllama model only the Llama layers change: its own layers run as they are."""
+    roots = [model]
+    if isinstance(model, MllamaVLM):
+        roots = [m for m in model.modules() if type(m) in (LlamaAttention, LlamaMLP)]
+    for m in [m for root in roots for m in root.modules()]:
+        if type(m) is nn.Linear:
+            m.__class__ = Linear  # only forward changes
+        elif type(m) is LlamaAttention:
+            m.__class__ = FusedLlamaAttention
+        elif type(m) is LlamaMLP:
+            m.__class__ = FusedLlamaMLP
+        elif type(m) is VLM:
+            m.__class__ = FastVLM
+    return model
+
+
+# -----------------------------------------------------------------------------
+# torch.compile: a compiled decode step (gpt-fast's decode_one_token) and what keeps compiled code compiled once.
+# Dynamo guards on every shape, Python value and module flag a compiled function reads; a guard that fails recompiles,
+# and past torch._dynamo.config.recompile_limit it silently runs eager. So the KV cache has one fixed size, the
+# per-token mask is computed from tensors instead of built in Python, and the training forwards pad their lengths to
+# multiples of LENGTH_BUCKET (lppo.py, sft.py, reward.py with --compile).
+#
+# On a GPU:  compile_decode(vlm, batch_size, max_len), then vlm.generate(...) as always. The decode step runs as CUDA
+# graphs (mode="reduce-overhead"); the first call compiles (about a minute), later calls replay. On a CPU it compiles
+# to C++ with inductor, which is how the tests check it gives the eager tokens.
+
+LENGTH_BUCKET = 64
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+class DecodeCache(KVCache):
+    """The KVCache of compile_decode, allocated once at a fixed (batch, max_len): the compiled step always sees the
+    same shapes, and under CUDA graphs the same addresses. `valid` (batch, max_len) is False on left padding."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        super().__init__(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
+        self.register_buffer("valid", torch.ones(batch, max_len, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("k_pos", torch.arange(max_len, device=device), persistent=False)
+
+
+def decode_one_token(vlm, tok, pos, cache_pos):
+    """Float32 next-token logits (B, V) after one token per row, tok (B,) at rotary positions pos (B, 1), written to
+    cache slot cache_pos (1,). The mask is computed from tensors (a row sees its valid keys up to cache_pos): every
+    step of every generate call has the same shapes and Python values, so this compiles once."""
+    cache, lm = vlm.decode_cache, vlm.language_model
+    mask = (cache.valid & (cache.k_pos <= cache_pos))[:, None, None]
+    h = lm(lm.embed_tokens(tok[:, None]), pos, mask, cache, cache_pos)
+    return vlm.response_logits(h[:, -1]).float()
+
+
+def compile_decode(vlm, batch_size, max_len, mode=None):
+    """Make vlm.generate run a compiled decode step over a static KV cache of batch_size rows x max_len positions
+    (prompt + new tokens); any smaller batch and shorter prompt reuse it. mode None: "reduce-overhead" (CUDA graphs)
+    on a GPU, inductor's default elsewhere. Call it after add_lora: adapters are part of the compiled step."""
+    if isinstance(vlm.config, MllamaConfig):
+        raise InputError("compile_decode: the compiled decode step is for llava and llava_next checkpoints; an mllama "
+                         "model generates eagerly (compile=False)")
+    if not isinstance(vlm, FastVLM):
+        raise InputError("compile_decode: expected a model from VLM.from_pretrained (or one given to speed_up), whose "
+                         "generate runs the compiled step")
+    window = vlm.config.text.sliding_window
+    if window is not None and max_len > window:
+        raise InputError(f"compile_decode: max_len={max_len} is longer than the sliding window of {window}; the "
+                         "compiled step has no window, expected max_len <= sliding_window")
+    emb = vlm.language_model.embed_tokens.weight
+    vlm.decode_cache = DecodeCache(vlm.config.text, batch_size, max_len, emb.dtype, emb.device)
+    for buf in vlm.decode_cache.buffers():
+        torch._dynamo.mark_static_address(buf)  # CUDA graphs then write the cache in place, never into a copy
+    mode = mode or ("reduce-overhead" if emb.device.type == "cuda" else "default")
+    vlm.decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    return vlm
+
+
+@torch.no_grad()
+def generate_static(vlm, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, temperature, top_p,
+                    eos_token_id, return_logprobs, generator, image_sizes=None, check_every=8):
+    """VLM.generate on the compiled step: the same sampling, in the same order, so the same tokens and logprobs.
+
+    The prompt is prefilled in one eager call; then each token is one call of vlm.decode_step, with no host sync:
+    whether every row has ended is asked only every `check_every` tokens, and the extra tokens are cut at the end."""
+    cache, cfg = vlm.decode_cache, vlm.config
+    (B, T0), (Bc, S) = input_ids.shape, cache.valid.shape
+    if B > Bc or T0 + max_new_tokens > S:
+        raise InputError(f"generate: {B} prompts of {T0} tokens + max_new_tokens={max_new_tokens} do not fit the "
+                         f"compiled KV cache of {Bc} rows x {S} positions; expected a larger compile_decode(vlm, "
+                         "batch_size, max_len)")
+    dev = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
+    # rows B..Bc are filler that keeps the shapes fixed: all-valid zero embeddings, never read
+    x = F.pad(vlm.embed(input_ids, pixel_values, image_layer, image_sizes), (0, 0, 0, 0, 0, Bc - B))
+    cache.valid.fill_(True)
+    cache.valid[:, :T0] = F.pad(attention_mask, (0, 0, 0, Bc - B), value=1).bool()
+    pos = (cache.valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)
+    prompt_pos = cache.k_pos[:T0]
+    hidden = vlm.language_model(x, pos, build_mask(cache.valid, prompt_pos, cache.k_pos), cache, prompt_pos)
+    logits = vlm.response_logits(hidden[:B, -1]).float()
+    pos, cache_pos = pos[:, -1:], cache.k_pos[T0 - 1:T0].clone()
+    tokens, logprobs, all_done = [], [], []
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        tok, lp = sample_token(logits, temperature, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, cfg.pad_token_id), tok)
+        tokens.append(tok)
+        logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+        done = done | torch.isin(tok, eos)
+        all_done.append(done.all())
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(all_done[-1])):
+            break
+        pos, cache_pos = pos + 1, cache_pos + 1
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: CUDA graphs may reuse them
+        logits = vlm.decode_step(vlm, F.pad(tok, (0, Bc - B), value=cfg.pad_token_id), pos, cache_pos)[:B]
+    # the eager loop stops at the first step after which every row has ended; all_done is False, then True
+    n = len(tokens) - max(int(torch.stack(all_done).sum()) - 1, 0)
+    tokens = torch.stack(tokens[:n], 1)
+    return tokens, (torch.stack(logprobs[:n], 1) if return_logprobs else None)
+
+
+def decoder_states(vlm, x, attention_mask):
+    """VLM.hidden_states after the embedding: the decoder on embeddings x (B, T, D); with padding, positions count
+    from each row's first real token. A compiled training forward calls this on vlm.embed's output, so that the image
+    side, with its checks and per-row layers, stays eager."""
+    T = x.shape[1]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    idx = torch.arange(T, device=x.device)
+    window = vlm.config.text.sliding_window
+    return vlm.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx, window))
+
+
+def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
+    """lppo.response_forward after the embedding, on [prompt; response] embeddings x: what lppo.py's `compile`
+    compiles. Every shape in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket
+    and grad mode."""
+    hidden = decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1]
+    logits = vlm.response_logits(hidden)
+    return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
+            vlm.values(hidden) if with_values else None)
+
+
+def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
+    """lppo.response_forward for `compile`: the prompt left-padded and the response right-padded to multiples of
+    `bucket` (padding is masked, so every number is unchanged), the image side run eagerly, `heads` (decoder_heads,
+    compiled) on the rest."""
+    T0, n = ro["input_ids"].shape[1], ro["tokens"].shape[1]
+    left, right = round_up(T0, bucket) - T0, round_up(n, bucket) - n
+    pad = vlm.config.pad_token_id
+    tokens = F.pad(ro["tokens"], (0, right), value=pad)
+    ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
+    mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
+    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
+    logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
+    return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]

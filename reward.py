@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from common import (DEVICE, DTYPE, InputError, atomic_folder, atomic_save_safetensors, autocast, check_writable_dir,
                     compute_init, get_lr, read_json, read_jsonl, run_stage, strict_compile)
-from model import (LENGTH_BUCKET, VLM, Linear, LlamaModel, LoRALinear, VLMConfig, add_lora, build_mask, config_from_hf,
-                   config_to_hf, load_tokenizer, load_weights, pick_config, resolve_checkpoint, rope_inv_freq, round_up)
+from model import (LENGTH_BUCKET, VLM, LlamaModel, LoRALinear, VLMConfig, add_lora, build_mask, config_from_hf,
+                   config_to_hf, load_tokenizer, load_weights, pick_config, resolve_checkpoint, rope_inv_freq, round_up,
+                   speed_up)
 
 # -----------------------------------------------------------------------------
 # Bradley-Terry loss
@@ -202,8 +203,8 @@ class GPT2Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
-        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
-        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x, mask):
         B, T, C = x.shape
@@ -215,8 +216,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = Linear(cfg.n_embd, cfg.n_inner)
-        self.c_proj = Linear(cfg.n_inner, cfg.n_embd)
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
+        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
         # gelu_new is the tanh approximation of GELU; plain "gelu" is the exact (erf) one
         self.approximate = "none" if cfg.activation_function == "gelu" else "tanh"
 
@@ -381,6 +382,7 @@ class RewardModel(nn.Module):
             with torch.device("meta"):
                 rm = cls(model_type, cfg, pad)
             load_reward_weights(rm, path, device, dtype, init_head)
+            speed_up(rm.backbone)  # model.py's CPU speed path; the head stays a plain float32 nn.Linear
         else:
             raise InputError(f"{where}: model_type {model_type!r} is not supported, expected 'gpt2' or 'llama' "
                              "(a reward model or a language model), or 'llava' (its language model)")

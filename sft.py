@@ -288,7 +288,7 @@ def main():
     if compile:
         strict_compile()
     model = torch.compile(vlm, fullgraph=True, dynamic=False) if compile else vlm
-    # the eager llava decoder skips collate's right padding (VLM.unpadded_logits: the same loss, no work for the
+    # the eager llava decoder skips collate's right padding (FastVLM.unpadded_logits: the same loss, no work for the
     # padding); mllama's decoder and a sliding window (Mistral) take the padded forward
     skip_padding = {} if isinstance(cfg, MllamaConfig) or cfg.text.sliding_window is not None else {"unpadded": True}
     if ddp:

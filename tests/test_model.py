@@ -527,6 +527,36 @@ def test_check_writable_dir_refuses_a_file_and_an_unwritable_folder(tmp_path, mo
 
 
 # -----------------------------------------------------------------------------
+# The speed path (model.speed_up, which from_pretrained calls) against the plain modules of the reading path
+
+def test_the_speed_path_computes_what_the_plain_modules_compute(ckpt):
+    """speed_up changes how, not what: generated tokens and their logprobs, logits, and a LoRA step's gradients of
+    from_pretrained's model equal those of the plain modules (fast=False), up to float32 rounding."""
+    from model import FastVLM, left_pad
+    path, _ = ckpt
+    ids, mask = left_pad(prompt_ids((5, 3, 7), seed=1), tiny.PAD_TOKEN)
+    pv = pixels(3, seed=1)
+    runs = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        vlm = VLM.from_pretrained(path, fast=fast)
+        assert isinstance(vlm, FastVLM) == fast and (type(vlm.lm_head) is torch.nn.Linear) != fast
+        tokens, logprobs = vlm.generate(ids, mask, pixel_values=pv, image_layer=2, max_new_tokens=8, temperature=1.0,
+                                        return_logprobs=True, generator=torch.Generator().manual_seed(0))
+        add_lora(vlm, targets=("q_proj", "v_proj", "up_proj"), r=4, alpha=8)
+        with torch.no_grad():
+            for name, p in vlm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        logits = vlm(ids, pixel_values=pv, image_layer=[1, 2, 3], attention_mask=mask)
+        logits[mask.bool()].logsumexp(-1).sum().backward()
+        runs.append([tokens, logprobs, logits] + [p.grad for p in vlm.parameters() if p.requires_grad])
+    assert torch.equal(runs[0][0], runs[1][0]) and len(runs[0]) == 3 + 3 * 2 * 2
+    for ours, ref in zip(runs[0][1:], runs[1][1:]):
+        assert maxdiff(ours, ref) <= TOL
+
+
+# -----------------------------------------------------------------------------
 # The oneDNN path of every linear layer on the CPU (model.linear)
 
 needs_onednn = pytest.mark.skipif(not model.ONEDNN, reason="model.linear uses oneDNN on x86-64 PyTorch with oneDNN only")

@@ -571,21 +571,48 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
-                 image_sizes=None):
-        """Sample continuations of a left-padded batch with a static KV cache.
+                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None, check_every=1,
+                 **image_inputs):
+        """Sample continuations of a left-padded batch with a static KV cache; the one generation loop of every family,
+        each of which supplies its prefill (image_inputs: the family's, e.g. LLaVA-NeXT's image_sizes).
 
         Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
         pad_token_id after each row's first EOS (the EOS itself kept). logprobs (B, n) float32 are the
         log-probabilities of the chosen tokens under softmax(response_logits / temperature), the same quantity
         a training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
         and scores under softmax(logits). logprobs is None unless return_logprobs.
+        Whether every row has ended is asked every `check_every` tokens: on a GPU the question waits for the device
+        (a compiled decode step asks every 8); the tokens drawn after the last row ended are cut.
         """
-        B, T0 = input_ids.shape
+        B = input_ids.shape[0]
         dev = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
+        logits, decode = self.prefill(input_ids, attention_mask, pixel_values, image_layer, max_new_tokens,
+                                      **image_inputs)
+        tokens, logprobs, all_done = [], [], []
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            tok, lp = sample_token(logits, temperature, top_p, generator, return_logprobs)
+            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
+            tokens.append(tok)
+            if return_logprobs:
+                logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+            done = done | torch.isin(tok, eos)
+            all_done.append(done.all())
+            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(all_done[-1])):
+                break
+            logits = decode(tok)
+        n = len(tokens) - max(int(torch.stack(all_done).sum()) - 1, 0)  # up to the first step after which all ended
+        tokens = torch.stack(tokens[:n], 1)
+        return tokens, (torch.stack(logprobs[:n], 1) if return_logprobs else None)
+
+    def prefill(self, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, image_sizes=None):
+        """Run the prompt into a new KV cache with room for max_new_tokens more. Returns the float32 next-token logits
+        (B, V) and decode(tok): one more token per row, tok (B,), in; the logits after it out."""
+        B, T0 = input_ids.shape
+        dev = input_ids.device
         cfg = self.config.text
         S = T0 + max_new_tokens
         x = self.embed(input_ids, pixel_values, image_layer, image_sizes)
@@ -598,30 +625,20 @@ class VLM(nn.Module):
         prompt_pos = k_pos[:T0]
         hidden = self.language_model(x, pos, build_mask(key_valid[:, :T0], prompt_pos, prompt_pos, window), cache,
                                      prompt_pos)
-        logits = self.response_logits(hidden[:, -1]).float()
-        pos = pos[:, -1:]
-        tokens, logprobs = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for t in range(max_new_tokens):
-            tok, lp = sample_token(logits, temperature, top_p, generator, return_logprobs)
-            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
-            tokens.append(tok)
-            if return_logprobs:
-                logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-            done = done | torch.isin(tok, eos)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            n = T0 + t + 1  # cache positions in use, this step's included
+        pos, n = pos[:, -1:], T0  # the last token's rotary positions, and the cache positions in use
+
+        def decode(tok):
+            nonlocal pos, n
+            pos, n = pos + 1, n + 1  # this token's
             cur = k_pos[n - 1:n]
             key_valid[:, n - 1] = True
-            pos = pos + 1
             # the keys so far are all before this token: no causal mask to build, only padding (and a window)
             mask = key_valid[:, None, None, :n] if window is None else \
                 build_mask(key_valid[:, :n], cur, k_pos[:n], window)
             h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos, mask, cache, cur)
-            logits = self.response_logits(h[:, -1]).float()
-        tokens = torch.stack(tokens, 1)
-        return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
+            return self.response_logits(h[:, -1]).float()
+
+        return self.response_logits(hidden[:, -1]).float(), decode
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, fast=True):
@@ -1744,17 +1761,12 @@ class MllamaVLM(VLM):
         logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])
         return (logits, hidden) if return_hidden else logits
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
-                 aspect_ratio_ids=None, aspect_ratio_mask=None, cross_attention_mask=None):
-        """VLM.generate for mllama: the image's keys and values are computed once for every cross-attention layer,
+    def prefill(self, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, aspect_ratio_ids=None,
+                aspect_ratio_mask=None, cross_attention_mask=None):
+        """VLM.prefill for mllama: the image's keys and values are computed once for every cross-attention layer,
         and each new token sees the tiles the prompt's last token saw (as transformers extends the mask)."""
         B, T0 = input_ids.shape
         dev = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
         cfg = self.config.text
         S = T0 + max_new_tokens
         x = self.language_model.embed_tokens(input_ids)
@@ -1767,28 +1779,20 @@ class MllamaVLM(VLM):
         k_pos = torch.arange(S, device=dev)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos), cross, cache, k_pos[:T0])
-        logits = self.response_logits(hidden[:, -1]).float()
         if cross is not None:
             cross = (cross[0], cross[1][:, :, -1:], cross[2][:, -1:])
-        pos = pos[:, -1:]
-        tokens, logprobs = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for t in range(max_new_tokens):
-            tok, lp = sample_token(logits, temperature, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
-            tokens.append(tok)
-            logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-            done = done | torch.isin(tok, eos)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            cur = k_pos[T0 + t:T0 + t + 1]
-            key_valid[:, T0 + t] = True
-            pos = pos + 1
+        pos, n = pos[:, -1:], T0
+
+        def decode(tok):
+            nonlocal pos, n
+            pos, n = pos + 1, n + 1
+            cur = k_pos[n - 1:n]
+            key_valid[:, n - 1] = True
             h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
                                     build_mask(key_valid, cur, k_pos), cross, cache, cur)
-            logits = self.response_logits(h[:, -1]).float()
-        tokens = torch.stack(tokens, 1)
-        return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
+            return self.response_logits(h[:, -1]).float()
+
+        return self.response_logits(hidden[:, -1]).float(), decode
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, fast=True):
@@ -2113,18 +2117,20 @@ class FastVLM(VLM):
     forward can skip the padding of right-padded rows (unpadded=True)."""
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
-                 image_sizes=None):
-        """VLM.generate; after compile_decode(self, ...), the same tokens from the compiled decode step
-        (generate_static). Each decode step reads every weight for a few rows: on oneDNN, weights packed once for the
-        batch are faster (packed_weights), for the prompt's B * T0 rows too, with the same values."""
-        args = (input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, temperature, top_p,
-                eos_token_id, return_logprobs, generator, image_sizes)
+    def generate(self, input_ids, *args, **kwargs):
+        """VLM.generate. Each decode step reads every weight for a few rows: on oneDNN, weights packed once for the
+        batch are faster (packed_weights), for the prompt's B * T0 rows too, with the same values. After
+        compile_decode(self, ...), the same tokens from the compiled decode step (prefill_static), which asks whether
+        every row has ended only every 8 tokens."""
         if getattr(self, "decode_step", None) is not None:
-            return generate_static(self, *args)
+            return super().generate(input_ids, *args, **{"check_every": 8, **kwargs})
         with packed_weights([self.language_model, self.lm_head], input_ids.shape[0]):
-            return super().generate(*args)
+            return super().generate(input_ids, *args, **kwargs)
+
+    def prefill(self, *args, **kwargs):
+        if getattr(self, "decode_step", None) is not None:
+            return prefill_static(self, *args, **kwargs)
+        return super().prefill(*args, **kwargs)
 
     def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
                 logits_at=None, image_sizes=None, unpadded=False):
@@ -2238,23 +2244,16 @@ def compile_decode(vlm, batch_size, max_len, mode=None):
     return vlm
 
 
-@torch.no_grad()
-def generate_static(vlm, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, temperature, top_p,
-                    eos_token_id, return_logprobs, generator, image_sizes=None, check_every=8):
-    """VLM.generate on the compiled step: the same sampling, in the same order, so the same tokens and logprobs.
-
-    The prompt is prefilled in one eager call; then each token is one call of vlm.decode_step, with no host sync:
-    whether every row has ended is asked only every `check_every` tokens, and the extra tokens are cut at the end."""
+def prefill_static(vlm, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, image_sizes=None):
+    """VLM.prefill on the compiled step: the prompt in one eager call into compile_decode's cache, then decode(tok) is
+    one call of vlm.decode_step, without a host sync. The same sampling, in the same order: the same tokens and
+    logprobs."""
     cache, cfg = vlm.decode_cache, vlm.config
     (B, T0), (Bc, S) = input_ids.shape, cache.valid.shape
     if B > Bc or T0 + max_new_tokens > S:
         raise InputError(f"generate: {B} prompts of {T0} tokens + max_new_tokens={max_new_tokens} do not fit the "
                          f"compiled KV cache of {Bc} rows x {S} positions; expected a larger compile_decode(vlm, "
                          "batch_size, max_len)")
-    dev = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
     # rows B..Bc are filler that keeps the shapes fixed: all-valid zero embeddings, never read
     x = F.pad(vlm.embed(input_ids, pixel_values, image_layer, image_sizes), (0, 0, 0, 0, 0, Bc - B))
     cache.valid.fill_(True)
@@ -2262,26 +2261,15 @@ def generate_static(vlm, input_ids, attention_mask, pixel_values, image_layer, m
     pos = (cache.valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)
     prompt_pos = cache.k_pos[:T0]
     hidden = vlm.language_model(x, pos, build_mask(cache.valid, prompt_pos, cache.k_pos), cache, prompt_pos)
-    logits = vlm.response_logits(hidden[:B, -1]).float()
     pos, cache_pos = pos[:, -1:], cache.k_pos[T0 - 1:T0].clone()
-    tokens, logprobs, all_done = [], [], []
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    for t in range(max_new_tokens):
-        tok, lp = sample_token(logits, temperature, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, cfg.pad_token_id), tok)
-        tokens.append(tok)
-        logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-        done = done | torch.isin(tok, eos)
-        all_done.append(done.all())
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(all_done[-1])):
-            break
+
+    def decode(tok):
+        nonlocal pos, cache_pos
         pos, cache_pos = pos + 1, cache_pos + 1
         torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: CUDA graphs may reuse them
-        logits = vlm.decode_step(vlm, F.pad(tok, (0, Bc - B), value=cfg.pad_token_id), pos, cache_pos)[:B]
-    # the eager loop stops at the first step after which every row has ended; all_done is False, then True
-    n = len(tokens) - max(int(torch.stack(all_done).sum()) - 1, 0)
-    tokens = torch.stack(tokens[:n], 1)
-    return tokens, (torch.stack(logprobs[:n], 1) if return_logprobs else None)
+        return vlm.decode_step(vlm, F.pad(tok, (0, Bc - B), value=cfg.pad_token_id), pos, cache_pos)[:B]
+
+    return vlm.response_logits(hidden[:B, -1]).float(), decode
 
 
 def decoder_states(vlm, x, attention_mask):

@@ -30,6 +30,7 @@ import os
 import platform
 import weakref
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -795,6 +796,14 @@ def entropy_from_logits(logits, temperature=1.0):
     logp = F.log_softmax(logits, dim=-1)
     p = logp.exp()
     return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def response_heads(vlm, hidden, tokens, temperature, with_values=True):
+    """Logprobs, entropies and values (B, n) of response tokens (B, n), from the decoder's hidden states (B, n, D) one
+    position before each: the one scoring of lppo.response_forward, eager or compiled (decoder_heads)."""
+    logits = vlm.response_logits(hidden)
+    return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
+            vlm.values(hidden) if with_values else None)
 
 
 # -----------------------------------------------------------------------------
@@ -2287,10 +2296,8 @@ def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
     """lppo.response_forward after the embedding, on [prompt; response] embeddings x: what lppo.py's `compile`
     compiles. Every shape in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket
     and grad mode."""
-    hidden = decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1]
-    logits = vlm.response_logits(hidden)
-    return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
-            vlm.values(hidden) if with_values else None)
+    return response_heads(vlm, decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1], tokens, temperature,
+                          with_values)
 
 
 def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
@@ -2306,3 +2313,10 @@ def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=deco
     x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
     logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
     return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
+
+
+def compile_rollouts(vlm, batch_size, max_len):
+    """lppo.py's `compile`: generate on a compiled decode step (compile_decode), and the response forward that scores
+    and trains on rollouts returned: bucketed_response_forward on a compiled decoder_heads."""
+    compile_decode(vlm, batch_size, max_len)
+    return partial(bucketed_response_forward, heads=torch.compile(decoder_heads, fullgraph=True, dynamic=False))

@@ -288,9 +288,9 @@ def main():
     if compile:
         strict_compile()
     model = torch.compile(vlm, fullgraph=True, dynamic=False) if compile else vlm
-    # the eager llava decoder skips collate's right padding (FastVLM.unpadded_logits: the same loss, no work for the
-    # padding); mllama's decoder and a sliding window (Mistral) take the padded forward
-    skip_padding = {} if isinstance(cfg, MllamaConfig) or cfg.text.sliding_window is not None else {"unpadded": True}
+    # a model with an unpadded forward skips collate's right padding (FastVLM.unpadded_logits: the same loss, no work
+    # for the padding); others (mllama's decoder) and a sliding window (Mistral) take the padded forward
+    skip_padding = {"unpadded": True} if hasattr(vlm, "unpadded_logits") and cfg.text.sliding_window is None else {}
     if ddp:
         model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 

@@ -19,10 +19,9 @@ from tqdm import tqdm
 from common import (DEVICE, DTYPE, InputError, atomic_torch_save, atomic_write_json, autocast, check_writable_dir,
                     compute_init, generator_for, load_resume_checkpoint, read_prompt_jsonl, run_stage, seed_for,
                     strict_compile)
-from model import (VLM, add_lora, compile_rollouts, encode_batch, first_eos_mask, generate_responses, load_image,
-                   load_tokenizer, lora_disabled, merge_lora, open_images, prompt_room, response_heads, save_lora,
-                   save_peft_adapter)
-from model import extend_per_token, image_extras  # the image inputs beyond pixel_values (image_sizes, mllama's)
+from model import (VLM, add_lora, compile_rollouts, encode_batch, extend_per_token, first_eos_mask, generate_responses,
+                   image_extras, load_image, load_tokenizer, lora_disabled, merge_lora, open_images, prompt_room,
+                   response_heads, save_lora, save_peft_adapter)
 
 # -----------------------------------------------------------------------------
 # masked statistics

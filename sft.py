@@ -24,9 +24,8 @@ from tqdm import tqdm
 from common import (DEVICE, DTYPE, InputError, atomic_torch_save, autocast, check_writable_dir, compute_init,
                     copy_tokenizer_files, generator_for, get_lr, load_resume_checkpoint, read_json, read_jsonl,
                     run_stage, seed_for, strict_compile)
-from model import (LENGTH_BUCKET, VLM, MllamaConfig, add_lora, encode_prompt, fit_prompt, image_token_count, load_image,
-                   load_tokenizer, merge_lora, resolve_checkpoint, round_up, save_lora)
-from model import encode_images  # pixel_values and the family's image extras (NeXT's, mllama's) for the collated ids
+from model import (LENGTH_BUCKET, VLM, MllamaConfig, add_lora, encode_images, encode_prompt, fit_prompt,
+                   image_token_count, load_image, load_tokenizer, merge_lora, resolve_checkpoint, round_up, save_lora)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 

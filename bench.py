@@ -38,12 +38,12 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 import model
+from common import InputError
 from lppo import (compute_gae, compute_rewards, masked_whiten, ppo_update, score_rollout)
-from model import (VLM, VLMConfig, CLIPConfig, LlamaConfig, GPT2Config, InputError, add_lora, config_to_hf,
-                   from_hf_key, linear, rope_inv_freq)
+from model import VLM, CLIPConfig, LlamaConfig, VLMConfig, add_lora, config_to_hf, from_hf_key, linear, rope_inv_freq
 from model import (LLAVA_NEXT_PINPOINTS, MllamaConfig, MllamaTextConfig, MllamaVisionConfig, MllamaVLM, anyres_grid,
-                   image_token_count, mllama_config_to_hf, mllama_cross_attention_mask, mllama_from_hf_key)
-from reward import RewardModel
+                   image_token_count, mllama_config_to_hf, mllama_cross_attention_mask, mllama_from_hf_key, speed_up)
+from reward import GPT2Config, RewardModel
 
 batch_size = 0                  # 0: config/llava15_l5.py's 16 for "7b" and "tiny", 8 for "smol"; else this many rows
 max_new_tokens = 0              # 0: 128 for "7b" and "tiny", 64 for "smol"
@@ -282,6 +282,7 @@ def build_pair(hf_cls, hf_cfg, ours_cls, cfg, rename):
     missing, unexpected = vlm.load_state_dict(sd, strict=False, assign=True)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # a tied head is the embedding
     vlm.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
+    speed_up(vlm)  # as from_pretrained does
     report(what="weights", family=family_name(vlm), params_b=sum(p.numel() for p in hf.parameters()) / 1e9,
            mem_gb=torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None)
     return hf, vlm.eval()
@@ -513,6 +514,7 @@ gpt2_large = GPT2Config(n_embd=1280, n_layer=36, n_head=20) if shape == "7b" els
 with torch.device(device):
     rm = RewardModel("gpt2", gpt2_large, pad_token_id=50256).to(dtype)
     rm.head.float()
+    speed_up(rm.backbone)  # as RewardModel.from_pretrained does
 with torch.no_grad():
     for p in rm.parameters():
         p.normal_(std=0.02)

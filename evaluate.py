@@ -41,10 +41,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, IMAGE_SUFFIXES, VLM, InputError, atomic_write, atomic_write_json,
-                   check_writable_dir, generate_responses, left_pad, line_plot, load_lora, load_tokenizer,
-                   markdown_table, open_images, prompt_room, read_json, read_jsonl, read_prompt_jsonl, run_stage,
-                   write_csv)
+from common import (DEVICE, DTYPE, IMAGE_SUFFIXES, InputError, atomic_write, atomic_write_json, check_writable_dir,
+                    line_plot, markdown_table, read_json, read_jsonl, read_prompt_jsonl, run_stage, write_csv)
+from model import VLM, generate_responses, left_pad, load_lora, load_tokenizer, open_images, prompt_room
 
 # -----------------------------------------------------------------------------
 # VQA-v2 accuracy, as the official evaluation code computes it (GT-Vision-Lab/VQA, vqaEval.py at c4e6a0e). The tables

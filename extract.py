@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from model import (DEVICE, DTYPE, IMAGE_SUFFIXES, VLM, InputError, atomic_save_safetensors, atomic_write,
-                   atomic_write_json, check_writable_dir, line_plot, load_image, markdown_table, pack_anyres,
-                   preprocess_anyres, preprocess_image, run_stage, write_csv)
+from common import (DEVICE, DTYPE, IMAGE_SUFFIXES, InputError, atomic_save_safetensors, atomic_write, atomic_write_json,
+                    check_writable_dir, line_plot, markdown_table, run_stage, write_csv)
+from model import VLM, load_image, pack_anyres, preprocess_anyres, preprocess_image
 from model import MllamaVLM, encode_images
 
 # -----------------------------------------------------------------------------

@@ -11,19 +11,17 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, VLM, InputError, add_lora, atomic_torch_save, atomic_write_json, autocast,
-                   bucketed_response_forward, check_writable_dir, compile_decode, compute_init, decoder_heads,
-                   encode_batch, entropy_from_logits, first_eos_mask, generate_responses, generator_for, load_image,
-                   load_resume_checkpoint, load_tokenizer, logprobs_from_logits, lora_disabled, merge_lora,
-                   open_images, prompt_room, read_prompt_jsonl, run_stage, save_lora, save_peft_adapter, seed_for,
-                   strict_compile)
-from model import extend_per_token, image_extras  # the image inputs beyond pixel_values (image_sizes, mllama's)
+from common import (DEVICE, DTYPE, InputError, atomic_torch_save, atomic_write_json, autocast, check_writable_dir,
+                    compute_init, generator_for, load_resume_checkpoint, read_prompt_jsonl, run_stage, seed_for,
+                    strict_compile)
+from model import (VLM, add_lora, compile_rollouts, encode_batch, extend_per_token, first_eos_mask, generate_responses,
+                   image_extras, load_image, load_tokenizer, lora_disabled, merge_lora, open_images, prompt_room,
+                   response_heads, save_lora, save_peft_adapter)
 
 # -----------------------------------------------------------------------------
 # masked statistics
@@ -167,11 +165,7 @@ def response_forward(vlm, ro, temperature, with_values=True):
     mask = torch.cat([ro["attention_mask"], ro["mask"]], 1)
     extras = extend_per_token(vlm, image_extras(vlm, ro), ro["tokens"].shape[1])  # the response sees the image too
     hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask, **extras)[:, T0 - 1:-1]
-    logits = vlm.response_logits(hidden)
-    logprobs = logprobs_from_logits(logits, ro["tokens"], temperature)
-    entropy = entropy_from_logits(logits.detach(), temperature)
-    values = vlm.values(hidden) if with_values else None
-    return logprobs, entropy, values
+    return response_heads(vlm, hidden, ro["tokens"], temperature, with_values)
 
 
 @torch.no_grad()
@@ -365,8 +359,7 @@ def main():
     forward = response_forward
     if compile:  # the decode step over a static KV cache, and the scoring/training forward on bucketed lengths
         strict_compile()
-        compile_decode(vlm, batch_size, max_prompt_len + max(max_new_tokens, eval_max_new_tokens))
-        forward = partial(bucketed_response_forward, heads=torch.compile(decoder_heads, fullgraph=True, dynamic=False))
+        forward = compile_rollouts(vlm, batch_size, max_prompt_len + max(max_new_tokens, eval_max_new_tokens))
     print0(f"policy: {init_from} | trainable {sum(p.numel() for p in params) / 1e6:.2f}M (LoRA r={lora_r} on "
            f"{lora_targets} + value head) | image layers {image_layers} | {world_size} rank(s) on {dev}, {dtype}")
 

@@ -13,40 +13,40 @@ here: asking for layer l runs only the first l CLIP blocks.
 Weights come from Hugging Face llava checkpoints (safetensors, any of the three key layouts that exist), LLaVA-1.5
 and LLaVA-NeXT (anyres: several crops of an image, every one read at `image_layer`; Vicuna or Mistral text);
 only the weights are read, every module below is our own. Module names follow Hugging Face's so that
-checkpoint keys map onto them by stripping a prefix. Also here: LoRA, the PPO value head, batched
-generation with a static KV cache, the tokenizer and prompt, and CLIP image preprocessing; and the pieces
-every stage shares, once: the one safetensors loader, atomic writes, JSONL and prompt-set readers, DDP and
-precision setup, named seeds, the learning-rate schedule, and result tables and plots.
+checkpoint keys map onto them by stripping a prefix.
+
+Read it top to bottom along the LLaVA-1.5 path: CLIP tower with its early exit, projector, Llama decoder with a KV
+cache, LoRA, then the VLM that joins them, with the PPO value head and one `generate`. After it: LLaVA-NeXT's anyres,
+scoring sampled tokens, checkpoint files, the tokenizer, prompt and image preprocessing. Two fenced sections close the
+file: Llama 3.2 Vision (reached only through VLM.from_pretrained), and the speed path (oneDNN matmuls, fused
+projections, packed decode weights, the unpadded training forward, compiled decoding) that from_pretrained swaps in
+with one call, speed_up. The plumbing the stage scripts share (DDP, atomic writes, file readers, seeds, tables) is in
+common.py.
 """
 
-import csv
-import gzip
-import hashlib
 import json
 import math
 import os
 import platform
-import tempfile
 import weakref
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+from common import InputError, atomic_folder, atomic_save_safetensors, read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class InputError(ValueError):
-    """A problem with what the user gave us (a file, a key, a value); its message is one line."""
-
-
 # -----------------------------------------------------------------------------
-# Configuration: the few fields we need, read from a Hugging Face config.json
+# Configuration: the few fields we need (config_from_hf reads them from a Hugging Face config.json)
 
 @dataclass
 class CLIPConfig:
@@ -105,220 +105,6 @@ class VLMConfig:
         return n + (self.vision_feature_select_strategy == "full")
 
 
-def _pick(cls, d, where):
-    """Build dataclass `cls` from the keys of dict `d` it knows; everything else in `d` is ignored."""
-    known = {f.name for f in fields(cls)}
-    kwargs = {k: v for k, v in d.items() if k in known and v is not None}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise InputError(f"{where}: {e}") from None
-
-
-# transformers' MistralConfig defaults where they differ from Llama's: a saved config.json leaves defaults out
-MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
-                    "sliding_window": 4096}
-# LlavaNextConfig's default anyres canvases, [height, width], for a 336-px tower
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-
-
-def config_from_hf(d, where="config.json"):
-    """Translate a transformers LlavaConfig or LlavaNextConfig dict (4.x or 5.x spelling) into a VLMConfig."""
-    if d.get("model_type") not in ("llava", "llava_next"):
-        raise InputError(f"{where}: model_type is {d.get('model_type')!r}, expected 'llava' or 'llava_next' "
-                         "(LLaVA-1.5 or LLaVA-NeXT style checkpoints, e.g. llava-hf/llava-1.5-7b-hf)")
-    tc = dict(d.get("text_config") or {})
-    if tc.get("model_type") == "mistral":
-        tc = {**MISTRAL_DEFAULTS, **tc}
-    else:
-        tc.pop("sliding_window", None)  # only Mistral's attention reads it
-    if tc.get("model_type", "llama") not in ("llama", "mistral"):
-        raise InputError(f"{where}: text_config.model_type {tc['model_type']!r} is not supported, expected 'llama'")
-    # transformers 5 moved rope_theta and rope_scaling into one dict, rope_parameters.
-    rope = dict(tc.get("rope_parameters") or tc.get("rope_scaling") or {})
-    tc["rope_theta"] = rope.pop("rope_theta", tc.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3", "linear"):
-        raise InputError(f"{where}: rope type {rope_type!r} is not supported, expected default, llama3 or linear")
-    tc["rope_scaling"] = None if rope_type == "default" else {**rope, "rope_type": rope_type}
-    tc["tie_word_embeddings"] = bool(tc.get("tie_word_embeddings", False) or d.get("tie_word_embeddings", False))
-    text = _pick(LlamaConfig, tc, f"{where} text_config")
-    if text.hidden_act != "silu":
-        raise InputError(f"{where}: text_config.hidden_act {text.hidden_act!r} is not supported, expected 'silu'")
-    vision = _pick(CLIPConfig, d.get("vision_config") or {}, f"{where} vision_config")
-    if vision.hidden_act not in ("quick_gelu", "gelu"):
-        raise InputError(f"{where}: vision_config.hidden_act {vision.hidden_act!r} is not supported")
-    layer = d.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise InputError(f"{where}: vision_feature_layer {layer!r} is a list; only a single layer is supported")
-    pad = d.get("pad_token_id", tc.get("pad_token_id"))
-    cfg = VLMConfig(
-        vision=vision, text=text,
-        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
-        pad_token_id=0 if pad is None else pad,
-        vision_feature_layer=layer,
-        vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-        projector_hidden_act=d.get("projector_hidden_act", "gelu"),
-        multimodal_projector_bias=d.get("multimodal_projector_bias", True),
-    )
-    if cfg.vision_feature_select_strategy not in ("default", "full"):
-        raise InputError(f"{where}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}, "
-                         "expected 'default' or 'full'")
-    if cfg.projector_hidden_act != "gelu":
-        raise InputError(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r} is not supported, expected 'gelu'")
-    if d["model_type"] == "llava_next":
-        cfg.image_grid_pinpoints = check_pinpoints(d.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS,
-                                                   vision.image_size, where)
-        if cfg.vision_feature_select_strategy != "default":
-            # the CLS token does not fit the crop grid: transformers' LlavaNextModel fails on "full" too
-            raise InputError(f"{where}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} with "
-                             "model_type 'llava_next', expected 'default'")
-    return cfg
-
-
-def check_pinpoints(pinpoints, tile, where):
-    """image_grid_pinpoints as a list of [height, width], each a multiple of the tower's image size `tile`."""
-    ok = isinstance(pinpoints, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
-        isinstance(v, int) and v > 0 and v % tile == 0 for v in p) for p in pinpoints)
-    if not (ok and pinpoints):
-        raise InputError(f"{where}: image_grid_pinpoints {str(pinpoints)[:80]}, expected a list of [height, width] "
-                         f"pairs, each a multiple of vision_config.image_size {tile}")
-    return [list(p) for p in pinpoints]
-
-
-def config_to_hf(cfg):
-    """The inverse of config_from_hf: a config.json that transformers reads as a LlavaConfig or LlavaNextConfig."""
-    text = asdict(cfg.text)
-    rope = text.pop("rope_scaling") or {"rope_type": "default"}
-    text.update(model_type="llama", rope_theta=text["rope_theta"], rope_scaling=None if rope["rope_type"] == "default" else rope)
-    if text.pop("sliding_window") is not None:  # Llama has no sliding window; Mistral is Llama with one
-        text.update(model_type="mistral", sliding_window=cfg.text.sliding_window)
-    out = {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "text_config": text, "vision_config": {**asdict(cfg.vision), "model_type": "clip_vision_model"},
-        "image_token_index": cfg.image_token_id, "pad_token_id": cfg.pad_token_id,
-        "vision_feature_layer": cfg.vision_feature_layer,
-        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-        "image_seq_length": cfg.image_seq_length, "projector_hidden_act": cfg.projector_hidden_act,
-        "multimodal_projector_bias": cfg.multimodal_projector_bias,
-        "tie_word_embeddings": cfg.text.tie_word_embeddings,
-    }
-    if cfg.image_grid_pinpoints is not None:
-        out.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
-                   image_grid_pinpoints=cfg.image_grid_pinpoints)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Linear layers whose CPU matmuls run on oneDNN. PyTorch's CPU builds send a float32 nn.Linear to MKL's sgemm,
-# which on AMD CPUs runs at about half the speed of oneDNN's (also bundled with PyTorch) for the shapes of a
-# training step or a batched decode step (bench.py prints both). The results agree to float32 rounding.
-
-# measured on x86-64 only (elsewhere PyTorch's own BLAS choice stands); bench.py switches it off to time MKL
-ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-PACKED = {}  # ids of weights packed together -> (weakrefs to them, their versions and addresses, rows, packed copy)
-ACTIVE = {}  # id(weight), or id(module) for its FUSED projections -> packed copy, while packed_weights() is entered
-
-
-def packed_copy(weights, rows):
-    """The weights stacked along their output axis, reordered by oneDNN for inputs of about `rows` rows; reordered
-    once and reused for as long as they live and are unchanged. Every in-place write (an optimizer step, merge_lora's
-    copy_, load_state_dict) bumps a weight's _version, and moving it (.to(), .data = ...) changes its address; either
-    repacks. A write through w.data is not seen: it has its own version counter (nothing here writes weights so)."""
-    key = tuple(id(w) for w in weights)
-    state = [(w._version, w.data_ptr()) for w in weights]
-    entry = PACKED.get(key)
-    if entry is not None and all(r() is w for r, w in zip(entry[0], weights)) and entry[1:3] == (state, rows):
-        return entry[3]
-    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
-    packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), rows)
-    # the copy goes when a weight goes: the callback drops it (a dead weight's id may be reused by a new tensor)
-    drop = lambda _: PACKED.pop(key, None)
-    PACKED[key] = ([weakref.ref(w, drop) for w in weights], state, rows, packed)
-    return packed
-
-
-def use_onednn(x):
-    """Whether `linear` takes the oneDNN path for input x: float32 on a CPU whose PyTorch has oneDNN, outside
-    torch.compile (which picks its own kernels)."""
-    return ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-
-
-@contextmanager
-def packed_weights(modules, rows):
-    """While inside, `linear` multiplies by copies of the Linear weights of `modules` that oneDNN has reordered for
-    inputs of about `rows` rows, instead of reordering them at every call. A decode step of a few rows is bound by
-    reading the weights, and at 8 rows it runs ~1.5x faster this way (at 1 row there is no gain, so nothing is packed).
-    A module's FUSED projections of one input (q, k and v; gate and up), when all plain bias-free Linears, are stacked
-    into one matmul (`project`): fewer, larger matmuls, ~5% faster. The copies are kept between calls (packed_copy):
-    a second copy of those weights for as long as they live, which saves reordering them at every generate call.
-    No-grad only."""
-    outer = dict(ACTIVE)
-    if rows > 1:
-        fused = set()
-        for module in modules:
-            for m in module.modules():
-                linears = [getattr(m, name) for name in getattr(m, "FUSED", ())]
-                if linears and all(type(l) is Linear and l.bias is None and use_onednn(l.weight) for l in linears):
-                    ACTIVE[id(m)] = packed_copy([l.weight for l in linears], rows)
-                    fused.update(id(l) for l in linears)
-        ACTIVE.update({id(m.weight): packed_copy([m.weight], rows) for module in modules for m in module.modules()
-                       if isinstance(m, Linear) and id(m) not in fused and use_onednn(m.weight)})
-    try:
-        yield
-    finally:
-        ACTIVE.clear()
-        ACTIVE.update(outer)
-
-
-def project(module, x, *linears):
-    """[linear(x) for linear in linears], in one matmul by the stacked copy that packed_weights made for module's FUSED
-    projections, where it made one."""
-    if id(module) in ACTIVE and use_onednn(x) and not torch.is_grad_enabled():
-        y = torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(module)], None, "none", [], "")
-        return y.split([l.out_features for l in linears], -1)
-    return [l(x) for l in linears]
-
-
-class OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b through oneDNN, with the backward pass through oneDNN too; x is kept for backward only when
-    W is trained (a frozen base weight under LoRA needs only W for the input's gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x if weight.requires_grad else None, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # dL/dx = g W, a linear layer with weight W^T
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
-        if ctx.needs_input_grad[1]:  # dL/dW = g^T x, with its shorter side as rows: for LoRA's thin A and B that
-            g, x = grad.flatten(0, -2), x.flatten(0, -2)  # is several times faster
-            grad_w = g.t() @ x if g.shape[1] <= x.shape[1] else (x.t() @ g).t()
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.flatten(0, -2).sum(0)
-        return grad_x, grad_w, grad_b
-
-
-def linear(x, weight, bias=None):
-    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy inside packed_weights."""
-    if not use_onednn(x):
-        return F.linear(x, weight, bias)
-    if id(weight) in ACTIVE and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(weight)], bias, "none", [], "")
-    return OneDNNLinear.apply(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) that runs `linear`."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
 # -----------------------------------------------------------------------------
 # CLIP ViT vision tower, with early exit at any layer
 
@@ -339,10 +125,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.num_attention_heads
-        self.q_proj = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -358,8 +144,8 @@ def quick_gelu(x):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
 
     def forward(self, x):
@@ -410,8 +196,8 @@ class Projector(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         bias = cfg.multimodal_projector_bias
-        self.linear_1 = Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=bias)
-        self.linear_2 = Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
+        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=bias)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
 
     def forward(self, x):
         return self.linear_2(F.gelu(self.linear_1(x)))
@@ -475,23 +261,22 @@ class KVCache(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    FUSED = ("q_proj", "k_proj", "v_proj")  # projections of the same input that packed_weights may stack
-
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
-        self.o_proj = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
+
+    def qkv(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
-        if x.dim() == 2:
-            return self.forward_unpadded(x, cos, sin, mask)
         B, T, _ = x.shape
-        q, k, v = project(self, x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.qkv(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -504,34 +289,17 @@ class LlamaAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_unpadded(self, x, cos, sin, lengths):
-        """x (N, D): the tokens of rows of these lengths, one row after another, no padding (VLM.unpadded_logits).
-        Each row attends causally within itself: is_causal lets SDPA skip the masked half that a padded mask makes
-        it compute, which more than pays for one call per row."""
-        N = x.shape[0]
-        q, k, v = project(self, x, self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = q.view(N, self.n_head, -1), k.view(N, self.n_kv_head, -1), v.view(N, self.n_kv_head, -1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        # each row as a batch of one (B, H, T, hd): SDPA's flash kernel, not the slower math one it picks for 3-D inputs
-        rows = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True,
-                                               enable_gqa=self.n_kv_head != self.n_head)[0].transpose(0, 1)
-                for qkv in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
-        return self.o_proj(torch.cat(rows).reshape(N, -1))
-
 
 class LlamaMLP(nn.Module):
-    FUSED = ("gate_proj", "up_proj")
-
     def __init__(self, cfg):
         super().__init__()
         b = cfg.mlp_bias
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
     def forward(self, x):
-        gate, up = project(self, x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
 class LlamaLayer(nn.Module):
@@ -571,10 +339,9 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def forward(self, x, position_ids, mask, cache=None, cache_pos=None):
-        """Run embeddings x (B, T, D) at positions (B, T) under a boolean mask; return the final-normed states.
-        Or x (N, D) at positions (N,): the tokens of rows of `mask` lengths (a list) one after another, no padding."""
+        """Run embeddings x (B, T, D) at positions (B, T) under a boolean mask; return the final-normed states."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim) or (N, 1, head_dim): over heads
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim): the same rotation for every head
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, cache_pos)
@@ -605,7 +372,7 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + linear(linear(self.dropout(x), a) * self.scale, b)  # scaled at rank r: the thinnest point
+        return y + F.linear(F.linear(self.dropout(x), a) * self.scale, b)  # scaled at rank r: the thinnest point
 
     def merged_weight(self):
         return self.base.weight + (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype)
@@ -621,7 +388,8 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha
     for module in list(root.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                wrap = getattr(child, "lora_class", LoRALinear)  # a linear of speed_up's brings its own
+                setattr(module, child_name, wrap(child, r, alpha, dropout))
                 n += 1
     if n == 0:
         names = sorted({name for name, m in root.named_modules() if isinstance(m, nn.Linear) for name in
@@ -662,62 +430,263 @@ def merge_lora(vlm):
     return vlm
 
 
-def lora_state_dict(vlm):
-    return {k: v.detach() for k, v in vlm.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
+# -----------------------------------------------------------------------------
+# Sampling: one token per row, greedy or from the (nucleus of the) softmax at a temperature
+
+def sample_token(logits, temperature, top_p, generator=None, logprob=True):
+    """Draw one token per row from float32 logits (B, V); return it and its log-probability (greedy with
+    logprob=False: None, as argmax needs no normalisation)."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        if not logprob:
+            return tok, None
+        # the chosen token's logit minus logsumexp: no (B, V) log_softmax for the one value per row that is kept
+        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of most-likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
-def save_lora(vlm, path):
-    """Save adapters (and the value head, if any) as one safetensors file, atomically."""
-    sd = lora_state_dict(vlm)
-    if vlm.value_head is not None:
-        sd.update({f"value_head.{k}": v.detach() for k, v in vlm.value_head.state_dict().items()})
-    meta = {"lora_config": json.dumps(vlm.lora_config)}
-    atomic_save_safetensors({k: v.contiguous().cpu() for k, v in sd.items()}, path, metadata=meta)
+# -----------------------------------------------------------------------------
+# The VLM: vision tower + projector + Llama decoder (+ an optional value head for PPO)
 
+class VLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = CLIPVisionTower(cfg.vision)
+        self.multi_modal_projector = Projector(cfg)
+        if cfg.image_grid_pinpoints is not None:  # LLaVA-NeXT: the learned token that ends each row of an image's grid
+            self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
+        self.language_model = LlamaModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.value_head = None
+        self.lora_config = None
 
-def save_peft_adapter(vlm, folder, base_model=""):
-    """Write the adapters as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json), so that
-    transformers + peft users can load them onto LlavaForConditionalGeneration."""
-    cfg = vlm.lora_config
-    sd = {}
-    for k, v in lora_state_dict(vlm).items():
-        # ours: language_model.layers.0.self_attn.q_proj.lora_A -> peft: ...q_proj.lora_A.weight on the HF module tree
-        module, _, which = k.rpartition(".")
-        sd[f"base_model.model.model.{module}.{which}.weight"] = v.contiguous().cpu()
-    adapter_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_model),
-        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "bias": "none",
-        # a regex, so that the vision tower's q_proj/k_proj/v_proj are not adapted too
-        "target_modules": rf".*language_model.*\.({'|'.join(cfg['targets'])})",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None,
-    }
-    with atomic_folder(folder) as tmp:
-        atomic_save_safetensors(sd, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(adapter_config, f, indent=2)
+    # the keyword inputs beyond pixel_values that this family's forward, hidden_states and generate take for its
+    # images, as encode_batch returns them; per_token_inputs among them have a token axis (dim 1) beside input_ids'
+    per_token_inputs = ()
 
+    @property
+    def image_inputs(self):
+        return ("image_sizes",) if self.config.image_grid_pinpoints is not None else ()
 
-def load_lora(vlm, path):
-    """Load adapters saved by save_lora, adding them (and a value head) to `vlm` first if it has none."""
-    with _open_safetensors(path) as f:
-        lcfg = json.loads((f.metadata() or {}).get("lora_config", "null"))
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if lcfg is None:
-        raise InputError(f"{path}: not a LoRA adapter written by save_lora (no lora_config metadata)")
-    if any(k.startswith("value_head.") for k in sd) and vlm.value_head is None:
-        vlm.add_value_head()
-    if not lora_modules(vlm):
-        add_lora(vlm, lcfg["targets"], lcfg["r"], lcfg["alpha"], lcfg["dropout"])
-    own = vlm.state_dict()
-    for k, v in sd.items():
-        if k not in own:
-            raise InputError(f"{path}: adapter key {k} does not exist in this model")
-        if own[k].shape != v.shape:
-            raise InputError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-        with torch.no_grad():
-            own[k].copy_(v)
-    return vlm
+    def add_value_head(self):
+        """A scalar value per token for PPO's critic, read off the decoder's final hidden state."""
+        p = self.lm_head.weight
+        self.value_head = nn.Linear(self.config.text.hidden_size, 1, device=p.device, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        return self.value_head
+
+    def values(self, hidden):
+        """(B, T) float32 values; the head runs in float32 even when the decoder runs in bf16."""
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def image_layer_index(self, layer):
+        """Map a hidden_states index (None = checkpoint default, negative counts from the end) to 0..L."""
+        L = self.config.vision.num_hidden_layers
+        layer = self.config.vision_feature_layer if layer is None else int(layer)
+        if not -(L + 1) <= layer <= L:
+            raise InputError(f"image layer {layer} is out of range for a {L}-layer vision tower "
+                             f"(expected {-(L + 1)}..{L}, or None for the default {self.config.vision_feature_layer})")
+        return layer % (L + 1)
+
+    def vision_features(self, pixel_values, layer=None, image_sizes=None):
+        """(B, N, D_vision) hidden state of CLIP layer `layer` (int, or one per image), CLS dropped for 'default'.
+        LLaVA-NeXT, pixel_values (B, crops, 3, H, W) with image_sizes (B, 2): one row per crop of every image, in order
+        (anyres_crops), each at its image's layer."""
+        B = pixel_values.shape[0]
+        per_image = isinstance(layer, (list, tuple)) or (torch.is_tensor(layer) and layer.ndim == 1)
+        layers = [self.image_layer_index(l) for l in layer] if per_image else [self.image_layer_index(layer)] * B
+        if len(layers) != B:
+            raise InputError(f"got {len(layers)} image layers for {B} images; expected one per image")
+        if self.config.image_grid_pinpoints is not None:
+            pixel_values, layers = anyres_crops(self.config, pixel_values, image_sizes, layers)
+        p = self.vision_tower.embeddings.patch_embedding.weight
+        hs = self.vision_tower(pixel_values.to(p.dtype), set(layers))
+        x = hs[layers[0]] if len(hs) == 1 else torch.stack([hs[l][i] for i, l in enumerate(layers)])
+        return x[:, 1:] if self.config.vision_feature_select_strategy == "default" else x
+
+    def embed(self, input_ids, pixel_values=None, image_layer=None, image_sizes=None):
+        """Token embeddings with the image-token positions replaced by projected layer-`image_layer` features."""
+        x = self.language_model.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        # the count is data: torch.compile would break its graph here, so the compiled training forward (sft.py) skips
+        # the check; its batches are built with exactly image_seq_length image tokens per image (fit_prompt)
+        n = None if torch.compiler.is_compiling() else int(is_image.sum())
+        if pixel_values is None:
+            if n:
+                raise InputError(f"input_ids hold {n} image tokens but no pixel_values were given")
+            return x
+        feats = self.multi_modal_projector(self.vision_features(pixel_values, image_layer, image_sizes))
+        if self.config.image_grid_pinpoints is not None:
+            feats = pack_anyres(self.config, feats, image_sizes, self.image_newline)
+            if n is not None and n != feats.shape[0]:
+                raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} for images of sizes "
+                                 f"{torch.as_tensor(image_sizes).tolist()} (expand <image> to image_token_count "
+                                 "tokens per image, see encode_batch)")
+            return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+        if n is not None and n != feats.shape[0] * feats.shape[1]:
+            raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} images x {feats.shape[1]} "
+                             "(expand <image> to config.image_seq_length tokens per image, see encode_batch)")
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+
+    def hidden_states(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, image_sizes=None):
+        """The decoder's final (normed) hidden states (B, T, D), image tokens taken from layer `image_layer`.
+
+        With padding, pass attention_mask: positions then count from each row's first real token,
+        so a left-padded row gives the same result as that row alone. LLaVA-NeXT also needs image_sizes.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return decoder_states(self, self.embed(input_ids, pixel_values, image_layer, image_sizes), attention_mask)
+
+    def response_logits(self, hidden):
+        """Logits for generated tokens: the image placeholder can never be a response token, since the next
+        forward pass would splice image features into its slot, so it gets probability 0."""
+        logits = self.lm_head(hidden)
+        return logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
+
+    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
+                logits_at=None, image_sizes=None):
+        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
+        With `logits_at`, a (B, T) bool mask, only the logits at those positions, (N, V): training needs them only
+        where a label follows, and the vocabulary head over every image and prompt position is costly. Under
+        torch.compile pass flat indices into the B*T positions instead (a long tensor): N is then a fixed shape."""
+        hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask, image_sizes)
+        if logits_at is None:
+            logits = self.lm_head(hidden)
+        else:
+            at = hidden[logits_at] if logits_at.dtype == torch.bool else hidden.flatten(0, 1)[logits_at]
+            logits = self.lm_head(at)
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
+                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None, check_every=1,
+                 **image_inputs):
+        """Sample continuations of a left-padded batch with a static KV cache; the one generation loop of every family,
+        each of which supplies its prefill (image_inputs: the family's, e.g. LLaVA-NeXT's image_sizes).
+
+        Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
+        pad_token_id after each row's first EOS (the EOS itself kept). logprobs (B, n) float32 are the
+        log-probabilities of the chosen tokens under softmax(response_logits / temperature), the same quantity
+        a training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
+        and scores under softmax(logits). logprobs is None unless return_logprobs.
+        Whether every row has ended is asked every `check_every` tokens: on a GPU the question waits for the device
+        (a compiled decode step asks every 8); the tokens drawn after the last row ended are cut.
+        """
+        B = input_ids.shape[0]
+        dev = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
+        logits, decode = self.prefill(input_ids, attention_mask, pixel_values, image_layer, max_new_tokens,
+                                      **image_inputs)
+        tokens, logprobs, all_done = [], [], []
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            tok, lp = sample_token(logits, temperature, top_p, generator, return_logprobs)
+            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
+            tokens.append(tok)
+            if return_logprobs:
+                logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+            done = done | torch.isin(tok, eos)
+            all_done.append(done.all())
+            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(all_done[-1])):
+                break
+            logits = decode(tok)
+        n = len(tokens) - max(int(torch.stack(all_done).sum()) - 1, 0)  # up to the first step after which all ended
+        tokens = torch.stack(tokens[:n], 1)
+        return tokens, (torch.stack(logprobs[:n], 1) if return_logprobs else None)
+
+    def prefill(self, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, image_sizes=None):
+        """Run the prompt into a new KV cache with room for max_new_tokens more. Returns the float32 next-token logits
+        (B, V) and decode(tok): one more token per row, tok (B,), in; the logits after it out."""
+        B, T0 = input_ids.shape
+        dev = input_ids.device
+        cfg = self.config.text
+        S = T0 + max_new_tokens
+        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)
+        window = cfg.sliding_window
+        cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim, x.dtype, dev)
+        key_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
+        key_valid[:, :T0] = attention_mask.bool()
+        k_pos = torch.arange(S, device=dev)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        prompt_pos = k_pos[:T0]
+        hidden = self.language_model(x, pos, build_mask(key_valid[:, :T0], prompt_pos, prompt_pos, window), cache,
+                                     prompt_pos)
+        pos, n = pos[:, -1:], T0  # the last token's rotary positions, and the cache positions in use
+
+        def decode(tok):
+            nonlocal pos, n
+            pos, n = pos + 1, n + 1  # this token's
+            cur = k_pos[n - 1:n]
+            key_valid[:, n - 1] = True
+            # the keys so far are all before this token: no causal mask to build, only padding (and a window)
+            mask = key_valid[:, None, None, :n] if window is None else \
+                build_mask(key_valid[:, :n], cur, k_pos[:n], window)
+            h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos, mask, cache, cur)
+            return self.response_logits(h[:, -1]).float()
+
+        return self.response_logits(hidden[:, -1]).float(), decode
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, fast=True):
+        """Load a llava checkpoint folder (or hub id, when online) without ever holding two copies of the weights.
+        fast=False keeps the plain modules above, without the speed path (speed_up) that every stage runs.
+
+        A plain Llama checkpoint (the Llama Guard judge) loads as a VLM without an image side: only the decoder and
+        lm_head get weights, the vision tower and projector stay on the meta device and must never be called."""
+        path = resolve_checkpoint(path)
+        where = os.path.join(path, "config.json")
+        d = read_json(where)
+        if d.get("model_type") == "mllama":
+            return MllamaVLM.from_pretrained(path, device, dtype, fast)
+        text_only = d.get("model_type") == "llama"
+        if text_only:
+            d = {"model_type": "llava", "text_config": d, "pad_token_id": d.get("pad_token_id")}
+        cfg = config_from_hf(d, where)
+        if text_only:
+            cfg.image_token_id = -1  # no image token: every id is text
+        with torch.device("meta"):
+            model = cls(cfg)
+        tied = cfg.text.tie_word_embeddings
+        to_ours = (lambda k: "language_model." + k[6:] if k.startswith("model.") else k) if text_only else from_hf_key
+        rename = lambda k: None if tied and to_ours(k) == "lm_head.weight" else to_ours(k)
+        expected = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")
+                    and (not text_only or k.startswith(("language_model.", "lm_head.")))]
+        load_weights(model, path, rename, device, dtype, expected=expected)
+        if tied:
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+        # the rotary buffer is computed, not stored: rebuild it on the real device
+        model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
+        model.source_path = path  # where the tokenizer lives, also when `path` was a hub id
+        return (speed_up(model) if fast else model).eval()  # the speed path, at the end of this file
+
+    def save_pretrained(self, path):
+        """Write a llava-hf checkpoint folder (on-disk key layout of llava-hf/llava-1.5-7b-hf), atomically."""
+        if lora_modules(self):
+            raise InputError("merge_lora(vlm) before save_pretrained: a llava checkpoint has no place for adapters")
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k.startswith("value_head.") or (k == "lm_head.weight" and self.config.text.tie_word_embeddings):
+                continue
+            sd[to_hf_key(k)] = v.detach().contiguous().cpu()
+        with atomic_folder(path) as tmp:
+            atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config_to_hf(self.config), f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -800,277 +769,6 @@ def pack_anyres(cfg, feats, image_sizes, newline):
 
 
 # -----------------------------------------------------------------------------
-# The VLM: vision tower + projector + Llama decoder (+ an optional value head for PPO)
-
-class VLM(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.vision_tower = CLIPVisionTower(cfg.vision)
-        self.multi_modal_projector = Projector(cfg)
-        if cfg.image_grid_pinpoints is not None:  # LLaVA-NeXT: the learned token that ends each row of an image's grid
-            self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
-        self.language_model = LlamaModel(cfg.text)
-        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        if cfg.text.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
-        self.value_head = None
-        self.lora_config = None
-        self.decode_step = None  # compile_decode sets it: generate then runs the compiled step (generate_static)
-
-    # the keyword inputs beyond pixel_values that this family's forward, hidden_states and generate take for its
-    # images, as encode_batch returns them; per_token_inputs among them have a token axis (dim 1) beside input_ids'
-    per_token_inputs = ()
-
-    @property
-    def image_inputs(self):
-        return ("image_sizes",) if self.config.image_grid_pinpoints is not None else ()
-
-    def add_value_head(self):
-        """A scalar value per token for PPO's critic, read off the decoder's final hidden state."""
-        p = self.lm_head.weight
-        self.value_head = nn.Linear(self.config.text.hidden_size, 1, device=p.device, dtype=torch.float32)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-        return self.value_head
-
-    def values(self, hidden):
-        """(B, T) float32 values; the head runs in float32 even when the decoder runs in bf16."""
-        return self.value_head(hidden.float()).squeeze(-1)
-
-    def image_layer_index(self, layer):
-        """Map a hidden_states index (None = checkpoint default, negative counts from the end) to 0..L."""
-        L = self.config.vision.num_hidden_layers
-        layer = self.config.vision_feature_layer if layer is None else int(layer)
-        if not -(L + 1) <= layer <= L:
-            raise InputError(f"image layer {layer} is out of range for a {L}-layer vision tower "
-                             f"(expected {-(L + 1)}..{L}, or None for the default {self.config.vision_feature_layer})")
-        return layer % (L + 1)
-
-    def vision_features(self, pixel_values, layer=None, image_sizes=None):
-        """(B, N, D_vision) hidden state of CLIP layer `layer` (int, or one per image), CLS dropped for 'default'.
-        LLaVA-NeXT, pixel_values (B, crops, 3, H, W) with image_sizes (B, 2): one row per crop of every image, in order
-        (anyres_crops), each at its image's layer."""
-        B = pixel_values.shape[0]
-        per_image = isinstance(layer, (list, tuple)) or (torch.is_tensor(layer) and layer.ndim == 1)
-        layers = [self.image_layer_index(l) for l in layer] if per_image else [self.image_layer_index(layer)] * B
-        if len(layers) != B:
-            raise InputError(f"got {len(layers)} image layers for {B} images; expected one per image")
-        if self.config.image_grid_pinpoints is not None:
-            pixel_values, layers = anyres_crops(self.config, pixel_values, image_sizes, layers)
-        p = self.vision_tower.embeddings.patch_embedding.weight
-        hs = self.vision_tower(pixel_values.to(p.dtype), set(layers))
-        x = hs[layers[0]] if len(hs) == 1 else torch.stack([hs[l][i] for i, l in enumerate(layers)])
-        return x[:, 1:] if self.config.vision_feature_select_strategy == "default" else x
-
-    def embed(self, input_ids, pixel_values=None, image_layer=None, image_sizes=None):
-        """Token embeddings with the image-token positions replaced by projected layer-`image_layer` features."""
-        x = self.language_model.embed_tokens(input_ids)
-        is_image = input_ids == self.config.image_token_id
-        # the count is data: torch.compile would break its graph here, so the compiled training forward (sft.py) skips
-        # the check; its batches are built with exactly image_seq_length image tokens per image (fit_prompt)
-        n = None if torch.compiler.is_compiling() else int(is_image.sum())
-        if pixel_values is None:
-            if n:
-                raise InputError(f"input_ids hold {n} image tokens but no pixel_values were given")
-            return x
-        feats = self.multi_modal_projector(self.vision_features(pixel_values, image_layer, image_sizes))
-        if self.config.image_grid_pinpoints is not None:
-            feats = pack_anyres(self.config, feats, image_sizes, self.image_newline)
-            if n is not None and n != feats.shape[0]:
-                raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} for images of sizes "
-                                 f"{torch.as_tensor(image_sizes).tolist()} (expand <image> to image_token_count "
-                                 "tokens per image, see encode_batch)")
-            return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
-        if n is not None and n != feats.shape[0] * feats.shape[1]:
-            raise InputError(f"input_ids hold {n} image tokens, expected {feats.shape[0]} images x {feats.shape[1]} "
-                             "(expand <image> to config.image_seq_length tokens per image, see encode_batch)")
-        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
-
-    def hidden_states(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, image_sizes=None):
-        """The decoder's final (normed) hidden states (B, T, D), image tokens taken from layer `image_layer`.
-
-        With padding, pass attention_mask: positions then count from each row's first real token,
-        so a left-padded row gives the same result as that row alone. LLaVA-NeXT also needs image_sizes.
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return decoder_states(self, self.embed(input_ids, pixel_values, image_layer, image_sizes), attention_mask)
-
-    def unpadded_logits(self, input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes=None):
-        """forward(..., logits_at=logits_at) of right-padded rows (sft.collate's), with the decoder run on the real
-        tokens only, one row after another: no layer does any work for padding (about a fifth of the tokens of a
-        batch of the safety data). The same logits up to float32 rounding."""
-        B, T = input_ids.shape
-        keep = attention_mask.bool()
-        lengths = keep.sum(1)
-        if not torch.equal(keep, torch.arange(T, device=keep.device) < lengths[:, None]):
-            raise InputError("unpadded forward: attention_mask is not right padding; expected each row's 1s first, "
-                             "then only 0s (sft.collate)")
-        if logits_at is None or logits_at.dtype != torch.bool or bool((logits_at & ~keep).any()):
-            raise InputError("unpadded forward: expected logits_at, a (B, T) bool mask of real (unpadded) tokens")
-        if self.config.text.sliding_window is not None:
-            raise InputError(f"unpadded forward: the decoder has a sliding window of {self.config.text.sliding_window}"
-                             "; expected none (run the padded forward)")
-        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)[keep]
-        positions = torch.arange(T, device=keep.device).expand(B, T)[keep]
-        hidden = self.language_model(x, positions, lengths.tolist())
-        return self.lm_head(hidden[logits_at[keep]])
-
-    def response_logits(self, hidden):
-        """Logits for generated tokens: the image placeholder can never be a response token, since the next
-        forward pass would splice image features into its slot, so it gets probability 0."""
-        logits = self.lm_head(hidden)
-        return logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device), float("-inf"))
-
-    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
-                logits_at=None, image_sizes=None, unpadded=False):
-        """Next-token logits (B, T, V); with return_hidden also the final hidden states (B, T, D).
-        With `logits_at`, a (B, T) bool mask, only the logits at those positions, (N, V): training needs them only
-        where a label follows, and the vocabulary head over every image and prompt position is costly. Under
-        torch.compile pass flat indices into the B*T positions instead (a long tensor): N is then a fixed shape.
-        unpadded=True: the same (N, V) logits of right-padded rows from unpadded_logits, which skips the padding."""
-        if unpadded:
-            if return_hidden:
-                raise InputError("unpadded=True gives the logits only; expected return_hidden=False")
-            return self.unpadded_logits(input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes)
-        hidden = self.hidden_states(input_ids, pixel_values, image_layer, attention_mask, image_sizes)
-        if logits_at is None:
-            logits = self.lm_head(hidden)
-        else:
-            at = hidden[logits_at] if logits_at.dtype == torch.bool else hidden.flatten(0, 1)[logits_at]
-            logits = self.lm_head(at)
-        return (logits, hidden) if return_hidden else logits
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
-                 image_sizes=None):
-        """Sample continuations of a left-padded batch with a static KV cache.
-
-        Returns (tokens, logprobs): tokens (B, n) are the new tokens, n <= max_new_tokens, with
-        pad_token_id after each row's first EOS (the EOS itself kept). logprobs (B, n) float32 are the
-        log-probabilities of the chosen tokens under softmax(response_logits / temperature), the same quantity
-        a training step recomputes (top_p only narrows which tokens may be drawn); temperature 0 is greedy
-        and scores under softmax(logits). logprobs is None unless return_logprobs.
-        After compile_decode(self, ...), the same tokens come from the compiled decode step (generate_static).
-        """
-        if self.decode_step is not None:
-            return generate_static(self, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens,
-                                   temperature, top_p, eos_token_id, return_logprobs, generator, image_sizes)
-        B, T0 = input_ids.shape
-        dev = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
-        cfg = self.config.text
-        S = T0 + max_new_tokens
-        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)
-        window = cfg.sliding_window
-        cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, S, cfg.head_dim, x.dtype, dev)
-        key_valid = torch.zeros(B, S, dtype=torch.bool, device=dev)
-        key_valid[:, :T0] = attention_mask.bool()
-        k_pos = torch.arange(S, device=dev)
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        prompt_pos = k_pos[:T0]
-        with packed_weights([self.language_model], B):  # faster for the prompt's B * T0 rows too, the same values
-            hidden = self.language_model(x, pos, build_mask(key_valid[:, :T0], prompt_pos, prompt_pos, window), cache,
-                                         prompt_pos)
-        logits = self.response_logits(hidden[:, -1]).float()
-        pos = pos[:, -1:]
-        tokens, logprobs = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        # each decode step reads every weight for a few rows: on oneDNN, weights packed once (see packed_weights)
-        with packed_weights([self.language_model, self.lm_head], B):
-            for t in range(max_new_tokens):
-                tok, lp = sample_token(logits, temperature, top_p, generator, return_logprobs)
-                tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
-                tokens.append(tok)
-                if return_logprobs:
-                    logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-                done = done | torch.isin(tok, eos)
-                if bool(done.all()) or t == max_new_tokens - 1:
-                    break
-                n = T0 + t + 1  # cache positions in use, this step's included
-                cur = k_pos[n - 1:n]
-                key_valid[:, n - 1] = True
-                pos = pos + 1
-                # the keys so far are all before this token: no causal mask to build, only padding (and a window)
-                mask = key_valid[:, None, None, :n] if window is None else \
-                    build_mask(key_valid[:, :n], cur, k_pos[:n], window)
-                h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos, mask, cache, cur)
-                logits = self.response_logits(h[:, -1]).float()
-        tokens = torch.stack(tokens, 1)
-        return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load a llava checkpoint folder (or hub id, when online) without ever holding two copies of the weights.
-
-        A plain Llama checkpoint (the Llama Guard judge) loads as a VLM without an image side: only the decoder and
-        lm_head get weights, the vision tower and projector stay on the meta device and must never be called."""
-        path = resolve_checkpoint(path)
-        where = os.path.join(path, "config.json")
-        d = read_json(where)
-        if d.get("model_type") == "mllama":
-            return MllamaVLM.from_pretrained(path, device, dtype)
-        text_only = d.get("model_type") == "llama"
-        if text_only:
-            d = {"model_type": "llava", "text_config": d, "pad_token_id": d.get("pad_token_id")}
-        cfg = config_from_hf(d, where)
-        if text_only:
-            cfg.image_token_id = -1  # no image token: every id is text
-        with torch.device("meta"):
-            model = cls(cfg)
-        tied = cfg.text.tie_word_embeddings
-        to_ours = (lambda k: "language_model." + k[6:] if k.startswith("model.") else k) if text_only else from_hf_key
-        rename = lambda k: None if tied and to_ours(k) == "lm_head.weight" else to_ours(k)
-        expected = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")
-                    and (not text_only or k.startswith(("language_model.", "lm_head.")))]
-        load_weights(model, path, rename, device, dtype, expected=expected)
-        if tied:
-            model.lm_head.weight = model.language_model.embed_tokens.weight
-        # the rotary buffer is computed, not stored: rebuild it on the real device
-        model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
-        model.source_path = path  # where the tokenizer lives, also when `path` was a hub id
-        return model.eval()
-
-    def save_pretrained(self, path):
-        """Write a llava-hf checkpoint folder (on-disk key layout of llava-hf/llava-1.5-7b-hf), atomically."""
-        if lora_modules(self):
-            raise InputError("merge_lora(vlm) before save_pretrained: a llava checkpoint has no place for adapters")
-        sd = {}
-        for k, v in self.state_dict().items():
-            if k.startswith("value_head.") or (k == "lm_head.weight" and self.config.text.tie_word_embeddings):
-                continue
-            sd[to_hf_key(k)] = v.detach().contiguous().cpu()
-        with atomic_folder(path) as tmp:
-            atomic_save_safetensors(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(config_to_hf(self.config), f, indent=2)
-
-
-def sample_token(logits, temperature, top_p, generator=None, logprob=True):
-    """Draw one token per row from float32 logits (B, V); return it and its log-probability (greedy with
-    logprob=False: None, as argmax needs no normalisation)."""
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        if not logprob:
-            return tok, None
-        # the chosen token's logit minus logsumexp: no (B, V) log_softmax for the one value per row that is kept
-        return tok, logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
-    logp = torch.log_softmax(logits / temperature, -1)
-    probs = logp.exp()
-    if top_p < 1.0:
-        # nucleus: keep the smallest set of most-likely tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
-
-
-# -----------------------------------------------------------------------------
 # Scoring what was sampled: the same temperature as sample_token, so that a rollout's logprobs and the ones PPO
 # trains on agree
 
@@ -1099,154 +797,123 @@ def entropy_from_logits(logits, temperature=1.0):
     p = logp.exp()
     return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
-# -----------------------------------------------------------------------------
-# torch.compile: a compiled decode step (gpt-fast's decode_one_token) and what keeps compiled code compiled once.
-# Dynamo guards on every shape, Python value and module flag a compiled function reads; a guard that fails recompiles,
-# and past torch._dynamo.config.recompile_limit it silently runs eager. So the KV cache has one fixed size, the
-# per-token mask is computed from tensors instead of built in Python, and the training forwards pad their lengths to
-# multiples of LENGTH_BUCKET (lppo.py, sft.py, reward.py with --compile).
-#
-# On a GPU:  compile_decode(vlm, batch_size, max_len), then vlm.generate(...) as always. The decode step runs as CUDA
-# graphs (mode="reduce-overhead"); the first call compiles (about a minute), later calls replay. On a CPU it compiles
-# to C++ with inductor, which is how the tests check it gives the eager tokens.
 
-LENGTH_BUCKET = 64
-
-
-def round_up(n, multiple):
-    return -(-n // multiple) * multiple
-
-
-def strict_compile(recompile_limit=32):
-    """Make a recompile storm fail loudly instead of falling back to eager without a word."""
-    torch._dynamo.config.recompile_limit = recompile_limit
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-
-
-class DecodeCache(KVCache):
-    """The KVCache of compile_decode, allocated once at a fixed (batch, max_len): the compiled step always sees the
-    same shapes, and under CUDA graphs the same addresses. `valid` (batch, max_len) is False on left padding."""
-
-    def __init__(self, cfg, batch, max_len, dtype, device):
-        super().__init__(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
-        self.register_buffer("valid", torch.ones(batch, max_len, dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("k_pos", torch.arange(max_len, device=device), persistent=False)
-
-
-def decode_one_token(vlm, tok, pos, cache_pos):
-    """Float32 next-token logits (B, V) after one token per row, tok (B,) at rotary positions pos (B, 1), written to
-    cache slot cache_pos (1,). The mask is computed from tensors (a row sees its valid keys up to cache_pos): every
-    step of every generate call has the same shapes and Python values, so this compiles once."""
-    cache, lm = vlm.decode_cache, vlm.language_model
-    mask = (cache.valid & (cache.k_pos <= cache_pos))[:, None, None]
-    h = lm(lm.embed_tokens(tok[:, None]), pos, mask, cache, cache_pos)
-    return vlm.response_logits(h[:, -1]).float()
-
-
-def compile_decode(vlm, batch_size, max_len, mode=None):
-    """Make vlm.generate run a compiled decode step over a static KV cache of batch_size rows x max_len positions
-    (prompt + new tokens); any smaller batch and shorter prompt reuse it. mode None: "reduce-overhead" (CUDA graphs)
-    on a GPU, inductor's default elsewhere. Call it after add_lora: adapters are part of the compiled step."""
-    if isinstance(vlm.config, MllamaConfig):
-        raise InputError("compile_decode: the compiled decode step is for llava and llava_next checkpoints; an mllama "
-                         "model generates eagerly (compile=False)")
-    window = vlm.config.text.sliding_window
-    if window is not None and max_len > window:
-        raise InputError(f"compile_decode: max_len={max_len} is longer than the sliding window of {window}; the "
-                         "compiled step has no window, expected max_len <= sliding_window")
-    emb = vlm.language_model.embed_tokens.weight
-    vlm.decode_cache = DecodeCache(vlm.config.text, batch_size, max_len, emb.dtype, emb.device)
-    for buf in vlm.decode_cache.buffers():
-        torch._dynamo.mark_static_address(buf)  # CUDA graphs then write the cache in place, never into a copy
-    mode = mode or ("reduce-overhead" if emb.device.type == "cuda" else "default")
-    vlm.decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
-    return vlm
-
-
-@torch.no_grad()
-def generate_static(vlm, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, temperature, top_p,
-                    eos_token_id, return_logprobs, generator, image_sizes=None, check_every=8):
-    """VLM.generate on the compiled step: the same sampling, in the same order, so the same tokens and logprobs.
-
-    The prompt is prefilled in one eager call; then each token is one call of vlm.decode_step, with no host sync:
-    whether every row has ended is asked only every `check_every` tokens, and the extra tokens are cut at the end."""
-    cache, cfg = vlm.decode_cache, vlm.config
-    (B, T0), (Bc, S) = input_ids.shape, cache.valid.shape
-    if B > Bc or T0 + max_new_tokens > S:
-        raise InputError(f"generate: {B} prompts of {T0} tokens + max_new_tokens={max_new_tokens} do not fit the "
-                         f"compiled KV cache of {Bc} rows x {S} positions; expected a larger compile_decode(vlm, "
-                         "batch_size, max_len)")
-    dev = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
-    # rows B..Bc are filler that keeps the shapes fixed: all-valid zero embeddings, never read
-    x = F.pad(vlm.embed(input_ids, pixel_values, image_layer, image_sizes), (0, 0, 0, 0, 0, Bc - B))
-    cache.valid.fill_(True)
-    cache.valid[:, :T0] = F.pad(attention_mask, (0, 0, 0, Bc - B), value=1).bool()
-    pos = (cache.valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)
-    prompt_pos = cache.k_pos[:T0]
-    hidden = vlm.language_model(x, pos, build_mask(cache.valid, prompt_pos, cache.k_pos), cache, prompt_pos)
-    logits = vlm.response_logits(hidden[:B, -1]).float()
-    pos, cache_pos = pos[:, -1:], cache.k_pos[T0 - 1:T0].clone()
-    tokens, logprobs, all_done = [], [], []
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    for t in range(max_new_tokens):
-        tok, lp = sample_token(logits, temperature, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, cfg.pad_token_id), tok)
-        tokens.append(tok)
-        logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-        done = done | torch.isin(tok, eos)
-        all_done.append(done.all())
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(all_done[-1])):
-            break
-        pos, cache_pos = pos + 1, cache_pos + 1
-        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: CUDA graphs may reuse them
-        logits = vlm.decode_step(vlm, F.pad(tok, (0, Bc - B), value=cfg.pad_token_id), pos, cache_pos)[:B]
-    # the eager loop stops at the first step after which every row has ended; all_done is False, then True
-    n = len(tokens) - max(int(torch.stack(all_done).sum()) - 1, 0)
-    tokens = torch.stack(tokens[:n], 1)
-    return tokens, (torch.stack(logprobs[:n], 1) if return_logprobs else None)
-
-
-def decoder_states(vlm, x, attention_mask):
-    """VLM.hidden_states after the embedding: the decoder on embeddings x (B, T, D); with padding, positions count
-    from each row's first real token. A compiled training forward calls this on vlm.embed's output, so that the image
-    side, with its checks and per-row layers, stays eager."""
-    T = x.shape[1]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    idx = torch.arange(T, device=x.device)
-    window = vlm.config.text.sliding_window
-    return vlm.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx, window))
-
-
-def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
-    """lppo.response_forward after the embedding, on [prompt; response] embeddings x: what lppo.py's `compile`
-    compiles. Every shape in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket
-    and grad mode."""
-    hidden = decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1]
+def response_heads(vlm, hidden, tokens, temperature, with_values=True):
+    """Logprobs, entropies and values (B, n) of response tokens (B, n), from the decoder's hidden states (B, n, D) one
+    position before each: the one scoring of lppo.response_forward, eager or compiled (decoder_heads)."""
     logits = vlm.response_logits(hidden)
     return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
             vlm.values(hidden) if with_values else None)
 
 
-def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
-    """lppo.response_forward for `compile`: the prompt left-padded and the response right-padded to multiples of
-    `bucket` (padding is masked, so every number is unchanged), the image side run eagerly, `heads` (decoder_heads,
-    compiled) on the rest."""
-    T0, n = ro["input_ids"].shape[1], ro["tokens"].shape[1]
-    left, right = round_up(T0, bucket) - T0, round_up(n, bucket) - n
-    pad = vlm.config.pad_token_id
-    tokens = F.pad(ro["tokens"], (0, right), value=pad)
-    ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
-    mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
-    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
-    logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
-    return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
-
-
 # -----------------------------------------------------------------------------
-# Checkpoint files: key layouts, safetensors shards, atomic writes
+# Checkpoint files: config.json, key layouts, safetensors shards, LoRA adapter files
+
+def pick_config(cls, d, where):
+    """Build dataclass `cls` from the keys of dict `d` it knows; everything else in `d` is ignored."""
+    known = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+# transformers' MistralConfig defaults where they differ from Llama's: a saved config.json leaves defaults out
+MISTRAL_DEFAULTS = {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                    "sliding_window": 4096}
+
+
+# LlavaNextConfig's default anyres canvases, [height, width], for a 336-px tower
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def config_from_hf(d, where="config.json"):
+    """Translate a transformers LlavaConfig or LlavaNextConfig dict (4.x or 5.x spelling) into a VLMConfig."""
+    if d.get("model_type") not in ("llava", "llava_next"):
+        raise InputError(f"{where}: model_type is {d.get('model_type')!r}, expected 'llava' or 'llava_next' "
+                         "(LLaVA-1.5 or LLaVA-NeXT style checkpoints, e.g. llava-hf/llava-1.5-7b-hf)")
+    tc = dict(d.get("text_config") or {})
+    if tc.get("model_type") == "mistral":
+        tc = {**MISTRAL_DEFAULTS, **tc}
+    else:
+        tc.pop("sliding_window", None)  # only Mistral's attention reads it
+    if tc.get("model_type", "llama") not in ("llama", "mistral"):
+        raise InputError(f"{where}: text_config.model_type {tc['model_type']!r} is not supported, expected 'llama'")
+    # transformers 5 moved rope_theta and rope_scaling into one dict, rope_parameters.
+    rope = dict(tc.get("rope_parameters") or tc.get("rope_scaling") or {})
+    tc["rope_theta"] = rope.pop("rope_theta", tc.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3", "linear"):
+        raise InputError(f"{where}: rope type {rope_type!r} is not supported, expected default, llama3 or linear")
+    tc["rope_scaling"] = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+    tc["tie_word_embeddings"] = bool(tc.get("tie_word_embeddings", False) or d.get("tie_word_embeddings", False))
+    text = pick_config(LlamaConfig, tc, f"{where} text_config")
+    if text.hidden_act != "silu":
+        raise InputError(f"{where}: text_config.hidden_act {text.hidden_act!r} is not supported, expected 'silu'")
+    vision = pick_config(CLIPConfig, d.get("vision_config") or {}, f"{where} vision_config")
+    if vision.hidden_act not in ("quick_gelu", "gelu"):
+        raise InputError(f"{where}: vision_config.hidden_act {vision.hidden_act!r} is not supported")
+    layer = d.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise InputError(f"{where}: vision_feature_layer {layer!r} is a list; only a single layer is supported")
+    pad = d.get("pad_token_id", tc.get("pad_token_id"))
+    cfg = VLMConfig(
+        vision=vision, text=text,
+        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+        pad_token_id=0 if pad is None else pad,
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+        projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+        multimodal_projector_bias=d.get("multimodal_projector_bias", True),
+    )
+    if cfg.vision_feature_select_strategy not in ("default", "full"):
+        raise InputError(f"{where}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}, "
+                         "expected 'default' or 'full'")
+    if cfg.projector_hidden_act != "gelu":
+        raise InputError(f"{where}: projector_hidden_act {cfg.projector_hidden_act!r} is not supported, expected 'gelu'")
+    if d["model_type"] == "llava_next":
+        cfg.image_grid_pinpoints = check_pinpoints(d.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS,
+                                                   vision.image_size, where)
+        if cfg.vision_feature_select_strategy != "default":
+            # the CLS token does not fit the crop grid: transformers' LlavaNextModel fails on "full" too
+            raise InputError(f"{where}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} with "
+                             "model_type 'llava_next', expected 'default'")
+    return cfg
+
+
+def check_pinpoints(pinpoints, tile, where):
+    """image_grid_pinpoints as a list of [height, width], each a multiple of the tower's image size `tile`."""
+    ok = isinstance(pinpoints, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+        isinstance(v, int) and v > 0 and v % tile == 0 for v in p) for p in pinpoints)
+    if not (ok and pinpoints):
+        raise InputError(f"{where}: image_grid_pinpoints {str(pinpoints)[:80]}, expected a list of [height, width] "
+                         f"pairs, each a multiple of vision_config.image_size {tile}")
+    return [list(p) for p in pinpoints]
+
+
+def config_to_hf(cfg):
+    """The inverse of config_from_hf: a config.json that transformers reads as a LlavaConfig or LlavaNextConfig."""
+    text = asdict(cfg.text)
+    rope = text.pop("rope_scaling") or {"rope_type": "default"}
+    text.update(model_type="llama", rope_theta=text["rope_theta"], rope_scaling=None if rope["rope_type"] == "default" else rope)
+    if text.pop("sliding_window") is not None:  # Llama has no sliding window; Mistral is Llama with one
+        text.update(model_type="mistral", sliding_window=cfg.text.sliding_window)
+    out = {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "text_config": text, "vision_config": {**asdict(cfg.vision), "model_type": "clip_vision_model"},
+        "image_token_index": cfg.image_token_id, "pad_token_id": cfg.pad_token_id,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "image_seq_length": cfg.image_seq_length, "projector_hidden_act": cfg.projector_hidden_act,
+        "multimodal_projector_bias": cfg.multimodal_projector_bias,
+        "tie_word_embeddings": cfg.text.tie_word_embeddings,
+    }
+    if cfg.image_grid_pinpoints is not None:
+        out.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                   image_grid_pinpoints=cfg.image_grid_pinpoints)
+    return out
+
 
 # Every prefix a llava checkpoint key may carry, mapped to our module names. Order matters: longest first.
 KEY_PREFIXES = [
@@ -1282,16 +949,6 @@ def to_hf_key(key):
     if key.startswith("vision_tower."):
         return "vision_tower.vision_model." + key[len("vision_tower."):]
     return key
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
 def resolve_checkpoint(path):
@@ -1383,106 +1040,62 @@ def load_weights(module, path, rename, device, dtype, expected=None, transpose=(
     return loaded
 
 
-def _write_error(path, e):
-    """A failed write (disk full, read-only folder, no permission) as one line naming the file."""
-    return InputError(f"{path}: could not be written ({e.strerror or type(e).__name__}); the previous version, if "
-                      "any, is untouched")
+def lora_state_dict(vlm):
+    return {k: v.detach() for k, v in vlm.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
 
 
-def atomic_write(path, write):
-    """Run write(tmp) on a temporary file beside `path`, then rename it to `path`: a crash or Ctrl-C at any moment
-    leaves either the old file or the new one, never half of one, and no temporary file behind."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):  # after a successful rename there is nothing left to remove
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from None
-        raise
+def save_lora(vlm, path):
+    """Save adapters (and the value head, if any) as one safetensors file, atomically."""
+    sd = lora_state_dict(vlm)
+    if vlm.value_head is not None:
+        sd.update({f"value_head.{k}": v.detach() for k, v in vlm.value_head.state_dict().items()})
+    meta = {"lora_config": json.dumps(vlm.lora_config)}
+    atomic_save_safetensors({k: v.contiguous().cpu() for k, v in sd.items()}, path, metadata=meta)
 
 
-def atomic_save_safetensors(tensors, path, metadata=None):
-    from safetensors.torch import save_file
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+def save_peft_adapter(vlm, folder, base_model=""):
+    """Write the adapters as a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json), so that
+    transformers + peft users can load them onto LlavaForConditionalGeneration."""
+    cfg = vlm.lora_config
+    sd = {}
+    for k, v in lora_state_dict(vlm).items():
+        # ours: language_model.layers.0.self_attn.q_proj.lora_A -> peft: ...q_proj.lora_A.weight on the HF module tree
+        module, _, which = k.rpartition(".")
+        sd[f"base_model.model.model.{module}.{which}.weight"] = v.contiguous().cpu()
+    adapter_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(base_model),
+        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "bias": "none",
+        # a regex, so that the vision tower's q_proj/k_proj/v_proj are not adapted too
+        "target_modules": rf".*language_model.*\.({'|'.join(cfg['targets'])})",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None,
+    }
+    with atomic_folder(folder) as tmp:
+        atomic_save_safetensors(sd, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(adapter_config, f, indent=2)
 
 
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, write)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def copy_tokenizer_files(src, dst):
-    """Everything in checkpoint folder src but weights and config.json: tokenizer, chat template, processor config."""
-    import shutil
-    for name in sorted(os.listdir(src)):
-        if os.path.isfile(os.path.join(src, name)) and not name.startswith(("model", "config.json", ".")):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-
-
-def check_writable_dir(path):
-    """Create folder `path` if needed and prove it takes a file, so a bad out_dir fails at start-up, not at the
-    first checkpoint an hour later."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"out_dir={path!r} is a file; expected a folder (or a path that does not exist yet)")
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".tmp-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise InputError(f"out_dir={path!r} is not writable ({e.strerror or type(e).__name__}); expected a folder "
-                         "this process can write") from None
-
-
-@contextmanager
-def atomic_folder(path):
-    """Yield a temporary folder beside `path`; when the block ends, it replaces `path` as a whole. On an error the
-    temporary folder is removed and `path` is untouched."""
-    import shutil
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    try:
-        yield tmp
-        replace_dir(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from None
-        raise
-
-
-def replace_dir(tmp, path):
-    """Move the finished folder `tmp` to `path`; an older `path` is moved aside first, then deleted.
-    mkdtemp made `tmp` 0700; it gets the mode a plain mkdir would have given it."""
-    import shutil
-    os.chmod(tmp, 0o777 & ~_umask())
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)) or ".", prefix=".old-")
-        os.replace(path, os.path.join(old, "x"))
-    os.replace(tmp, path)
-    if old:
-        shutil.rmtree(old)
+def load_lora(vlm, path):
+    """Load adapters saved by save_lora, adding them (and a value head) to `vlm` first if it has none."""
+    with _open_safetensors(path) as f:
+        lcfg = json.loads((f.metadata() or {}).get("lora_config", "null"))
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if lcfg is None:
+        raise InputError(f"{path}: not a LoRA adapter written by save_lora (no lora_config metadata)")
+    if any(k.startswith("value_head.") for k in sd) and vlm.value_head is None:
+        vlm.add_value_head()
+    if not lora_modules(vlm):
+        add_lora(vlm, lcfg["targets"], lcfg["r"], lcfg["alpha"], lcfg["dropout"])
+    own = vlm.state_dict()
+    for k, v in sd.items():
+        if k not in own:
+            raise InputError(f"{path}: adapter key {k} does not exist in this model")
+        if own[k].shape != v.shape:
+            raise InputError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        with torch.no_grad():
+            own[k].copy_(v)
+    return vlm
 
 
 # -----------------------------------------------------------------------------
@@ -1711,67 +1324,7 @@ def encode_images(vlm, images, input_ids):
 
 
 # -----------------------------------------------------------------------------
-# Stage plumbing: data files, DDP, precision, seeds. Every stage script uses these the same way.
-
-def read_jsonl(path):
-    """[(line number, object)] of a JSONL file; a missing file or a line that is not a JSON object is an InputError
-    naming the file and line. Blank lines are skipped."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
-    rows = []
-    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object, got a JSON {type(obj).__name__}")
-            rows.append((n, obj))
-    return rows
-
-
-def read_prompt_jsonl(path, image_root=""):
-    """The project's prompt sets: one {"prompt": str, "image": path or null, "id": optional} per line, image paths
-    relative to image_root (default: the file's folder). A row without an id is named file-stem:line. A VQA set
-    also gives each row its human "answers" (a list of strings), and may name its question "type"."""
-    root = image_root or os.path.dirname(str(path))
-    rows = []
-    for n, obj in read_jsonl(path):
-        if not (isinstance(obj.get("prompt"), str) and isinstance(obj.get("image"), (str, type(None)))):
-            raise InputError(f"{path}:{n}: expected a string 'prompt' and a string or null 'image', got "
-                             f"{json.dumps(obj)[:80]}")
-        answers = obj.get("answers")
-        if answers is not None and not (isinstance(answers, list) and answers and all(isinstance(a, str)
-                                                                                     for a in answers)):
-            raise InputError(f"{path}:{n}: 'answers' is {answers!r:.60}, expected a list of strings")
-        stem = os.path.splitext(os.path.basename(str(path)))[0]
-        row = {"id": str(obj.get("id", f"{stem}:{n}")), "prompt": obj["prompt"],
-               "image": os.path.normpath(os.path.join(root, obj["image"])) if obj.get("image") else None}
-        rows.append({**row, "answers": answers, "type": obj.get("type")} if answers else row)
-    return rows
-
-
-def load_resume_checkpoint(path, config, must_match, device):
-    """The checkpoint at `path` for --resume, read as data only (weights_only: unpickling arbitrary objects would run
-    code from the file), refused when a setting in `must_match` differs from `config`, which would not continue the
-    same run."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no checkpoint to resume from (run once without --resume)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise InputError(f"{path}: not a checkpoint of this project ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160]})") from None
-    for k in must_match:
-        if ckpt["config"].get(k) != config[k]:
-            raise InputError(f"{path}: {k} was {ckpt['config'].get(k)!r}, now {config[k]!r}; --resume needs the same "
-                             "value (or a new out_dir)")
-    return ckpt
-
+# Prompt sets: every image opened once at start-up, and the room a prompt has beside its response
 
 def open_images(rows):
     """Open every image of a prompt set once: a missing or corrupt file is one line naming it and its prompt, at
@@ -1801,84 +1354,10 @@ def prompt_room(tok, cfg, prompts, max_new_tokens, image=True):
     return max_len
 
 
-def get_lr(it, lr, warmup_iters, decay_iters, min_lr):
-    """Linear warmup, then cosine decay from lr to min_lr at decay_iters (nanoGPT's schedule)."""
-    if it < warmup_iters:
-        return lr * (it + 1) / (warmup_iters + 1)
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-# the stages' defaults: the GPU when there is one, bf16 where it is supported
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-
-
-def run_stage(main):
-    """Run a stage's main(): a bad input, or a run stopped to keep its last good state, ends in one line, `error: ...`,
-    and exit status 1. Under torchrun the process group is torn down here, on every way out of main()."""
-    import sys
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
-    finally:
-        compute_cleanup()
-
-
-def compute_cleanup():
-    """Destroy the process group, if there is one, while the interpreter is still whole. main()'s frame is gone by
-    now; collecting the reference cycles of its modules (DDP's reducer holds the group) lets the group's gloo threads
-    be joined here. Left to the interpreter's exit, a thread still alive aborts the process (SIGABRT, "terminate
-    called without an active exception") after the run has finished, and torchrun reports the rank as failed."""
-    import gc
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()
-        dist.destroy_process_group()
-
-
-def compute_init(device):
-    """(ddp, rank, local_rank, world_size, device): the same script runs under `python` and under `torchrun`, where
-    each rank gets its own GPU. TF32 matmuls are allowed on CUDA."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if not ddp:
-        return False, 0, 0, 1, device
-    import torch.distributed as dist
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    return True, rank, local_rank, world_size, device
-
-
-def autocast(device, dtype):
-    """The precision context: plain float32 on the CPU; on CUDA, matmuls in `dtype` while the weights LoRA trains
-    stay float32."""
-    if not device.startswith("cuda"):
-        return nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    return torch.amp.autocast(device_type="cuda", dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-
-
-def seed_for(*key):
-    """A seed determined by `key` alone, e.g. ("rollout", seed, rank, iteration): every random draw of a run is
-    named, so a resumed run draws exactly what the uninterrupted run drew."""
-    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
-
-
-def generator_for(*key, device="cpu"):
-    """A torch.Generator seeded with seed_for(*key)."""
-    return torch.Generator(device=device).manual_seed(seed_for(*key))
-
-
-# -----------------------------------------------------------------------------
+# =============================================================================
 # Llama 3.2 Vision (model_type "mllama"): a tiled ViT whose features reach the Llama decoder through gated
-# cross-attention layers, instead of being spliced into the token sequence.
+# cross-attention layers, instead of being spliced into the token sequence. Reached only through
+# VLM.from_pretrained, which hands an mllama checkpoint to MllamaVLM.from_pretrained.
 #
 #   image -> tiles (MllamaImageProcessor) -> patch conv + gated tile/position embeddings -> layernorm_pre
 #         -> local ViT (h_0..h_L, taps at intermediate_layers_indices) -> layernorm_post + post-tile embedding
@@ -1886,6 +1365,7 @@ def generator_for(*key, device="cpu"):
 #   text  -> Llama decoder in which the layers listed in cross_attention_layers attend to those states
 #
 # The ICET image layer of mllama is a layer of the local ViT: see MllamaVisionModel.
+# =============================================================================
 
 @dataclass
 class MllamaVisionConfig:
@@ -1937,7 +1417,7 @@ def mllama_config_from_hf(d, where="config.json"):
                                                                          MllamaTextConfig().cross_attention_layers))
     vc = dict(d.get("vision_config") or {})
     vc.setdefault("attention_heads", vc.get("num_attention_heads"))
-    vision = _pick(MllamaVisionConfig, vc, f"{where} vision_config")
+    vision = pick_config(MllamaVisionConfig, vc, f"{where} vision_config")
     if vision.hidden_act != "gelu":
         raise InputError(f"{where}: vision_config.hidden_act {vision.hidden_act!r} is not supported, expected 'gelu'")
     taps = len(vision.intermediate_layers_indices)
@@ -2290,17 +1770,12 @@ class MllamaVLM(VLM):
         logits = self.lm_head(hidden if logits_at is None else hidden[logits_at])
         return (logits, hidden) if return_hidden else logits
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_layer=None, max_new_tokens=64,
-                 temperature=0.0, top_p=1.0, eos_token_id=None, return_logprobs=False, generator=None,
-                 aspect_ratio_ids=None, aspect_ratio_mask=None, cross_attention_mask=None):
-        """VLM.generate for mllama: the image's keys and values are computed once for every cross-attention layer,
+    def prefill(self, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, aspect_ratio_ids=None,
+                aspect_ratio_mask=None, cross_attention_mask=None):
+        """VLM.prefill for mllama: the image's keys and values are computed once for every cross-attention layer,
         and each new token sees the tiles the prompt's last token saw (as transformers extends the mask)."""
         B, T0 = input_ids.shape
         dev = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=dev)
         cfg = self.config.text
         S = T0 + max_new_tokens
         x = self.language_model.embed_tokens(input_ids)
@@ -2313,31 +1788,23 @@ class MllamaVLM(VLM):
         k_pos = torch.arange(S, device=dev)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.language_model(x, pos, build_mask(key_valid, k_pos[:T0], k_pos), cross, cache, k_pos[:T0])
-        logits = self.response_logits(hidden[:, -1]).float()
         if cross is not None:
             cross = (cross[0], cross[1][:, :, -1:], cross[2][:, -1:])
-        pos = pos[:, -1:]
-        tokens, logprobs = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for t in range(max_new_tokens):
-            tok, lp = sample_token(logits, temperature, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, self.config.pad_token_id), tok)
-            tokens.append(tok)
-            logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
-            done = done | torch.isin(tok, eos)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            cur = k_pos[T0 + t:T0 + t + 1]
-            key_valid[:, T0 + t] = True
-            pos = pos + 1
+        pos, n = pos[:, -1:], T0
+
+        def decode(tok):
+            nonlocal pos, n
+            pos, n = pos + 1, n + 1
+            cur = k_pos[n - 1:n]
+            key_valid[:, n - 1] = True
             h = self.language_model(self.language_model.embed_tokens(tok[:, None]), pos,
                                     build_mask(key_valid, cur, k_pos), cross, cache, cur)
-            logits = self.response_logits(h[:, -1]).float()
-        tokens = torch.stack(tokens, 1)
-        return tokens, (torch.stack(logprobs, 1) if return_logprobs else None)
+            return self.response_logits(h[:, -1]).float()
+
+        return self.response_logits(hidden[:, -1]).float(), decode
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, fast=True):
         """Load an mllama checkpoint folder (hub layout, or the one transformers >= 4.52 keeps in memory; single or
         sharded), built on the meta device so that the weights exist once."""
         path = resolve_checkpoint(path)
@@ -2348,7 +1815,7 @@ class MllamaVLM(VLM):
         load_weights(model, path, mllama_from_hf_key, device, dtype)
         model.language_model.inv_freq = rope_inv_freq(cfg.text).to(device)
         model.source_path = path
-        return model.eval()
+        return (speed_up(model) if fast else model).eval()
 
     def save_pretrained(self, path):
         """Write an mllama checkpoint folder in the hub's key layout (meta-llama/Llama-3.2-11B-Vision), atomically."""
@@ -2485,174 +1952,371 @@ def mllama_encode_images(cfg, images, input_ids):
                                                                 v.max_num_tiles)}
 
 
+# =============================================================================
+# Speed: what makes the networks above fast without changing what they compute. One call, speed_up(model), swaps it
+# into a loaded model (VLM.from_pretrained and the reward model's loader make it): every nn.Linear runs on oneDNN on
+# the CPU, q/k/v and gate/up become one matmul each where their weights are packed, generate packs its weights for the
+# batch once, and a right-padded training batch may run its decoder on the real tokens only (forward(unpadded=True)).
+# Opt-in, behind a `compile` flag: a compiled decode step (compile_decode) and compiled, bucketed training forwards.
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# GPT-2 (Radford et al. 2019): the backbone of the paper's reward model (reward.py puts a scalar head on it).
-# Module names are Hugging Face's (wte, wpe, h.N.ln_1, attn.c_attn, ...). HF stores GPT-2's linears as Conv1D
-# with weights [in, out]; ours are nn.Linear, [out, in], so those four weights are transposed on load and save.
+# Linear layers whose CPU matmuls run on oneDNN. PyTorch's CPU builds send a float32 nn.Linear to MKL's sgemm,
+# which on AMD CPUs runs at about half the speed of oneDNN's (also bundled with PyTorch) for the shapes of a
+# training step or a batched decode step (bench.py prints both). The results agree to float32 rounding.
 
-GPT2_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-@dataclass
-class GPT2Config:
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: int = 0                      # 0: 4 * n_embd
-    layer_norm_epsilon: float = 1e-5
-    activation_function: str = "gelu_new"
-
-    def __post_init__(self):
-        self.n_inner = self.n_inner or 4 * self.n_embd
+# measured on x86-64 only (elsewhere PyTorch's own BLAS choice stands); bench.py switches it off to time MKL
+ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+PACKED = {}  # ids of weights packed together -> (weakrefs to them, their versions and addresses, rows, packed copy)
+ACTIVE = {}  # id(weight), or id(module) for its FUSED projections -> packed copy, while packed_weights() is entered
 
 
-def gpt2_config_from_hf(d, where="config.json"):
-    """A GPT2Config from a transformers GPT-2 config.json, refusing the options our GPT-2 does not implement."""
-    if d.get("model_type") != "gpt2":
-        raise InputError(f"{where}: model_type is {d.get('model_type')!r}, expected 'gpt2'")
-    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
-        if d.get(key, ok) != ok:
-            raise InputError(f"{where}: {key}={d[key]!r} is not supported, expected {ok!r}")
-    cfg = _pick(GPT2Config, d, where)
-    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-        raise InputError(f"{where}: activation_function {cfg.activation_function!r} is not supported, "
-                         "expected 'gelu_new'")
-    return cfg
+def packed_copy(weights, rows):
+    """The weights stacked along their output axis, reordered by oneDNN for inputs of about `rows` rows; reordered
+    once and reused for as long as they live and are unchanged. Every in-place write (an optimizer step, merge_lora's
+    copy_, load_state_dict) bumps a weight's _version, and moving it (.to(), .data = ...) changes its address; either
+    repacks. A write through w.data is not seen: it has its own version counter (nothing here writes weights so)."""
+    key = tuple(id(w) for w in weights)
+    state = [(w._version, w.data_ptr()) for w in weights]
+    entry = PACKED.get(key)
+    if entry is not None and all(r() is w for r, w in zip(entry[0], weights)) and entry[1:3] == (state, rows):
+        return entry[3]
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+    packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), rows)
+    # the copy goes when a weight goes: the callback drops it (a dead weight's id may be reused by a new tensor)
+    drop = lambda _: PACKED.pop(key, None)
+    PACKED[key] = ([weakref.ref(w, drop) for w in weights], state, rows, packed)
+    return packed
 
 
-def gpt2_config_to_hf(cfg):
-    return {**asdict(cfg), "model_type": "gpt2"}
+def use_onednn(x):
+    """Whether `linear` takes the oneDNN path for input x: float32 on a CPU whose PyTorch has oneDNN, outside
+    torch.compile (which picks its own kernels)."""
+    return ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
-class GPT2Attention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
-        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
+@contextmanager
+def packed_weights(modules, rows):
+    """While inside, `linear` multiplies by copies of the Linear weights of `modules` that oneDNN has reordered for
+    inputs of about `rows` rows, instead of reordering them at every call. A decode step of a few rows is bound by
+    reading the weights, and at 8 rows it runs ~1.5x faster this way (at 1 row there is no gain, so nothing is packed).
+    A module's FUSED projections of one input (q, k and v; gate and up), when all plain bias-free Linears, are stacked
+    into one matmul (`project`): fewer, larger matmuls, ~5% faster. The copies are kept between calls (packed_copy):
+    a second copy of those weights for as long as they live, which saves reordering them at every generate call.
+    No-grad only."""
+    outer = dict(ACTIVE)
+    if rows > 1:
+        fused = set()
+        for module in modules:
+            for m in module.modules():
+                linears = [getattr(m, name) for name in getattr(m, "FUSED", ())]
+                if linears and all(type(l) is Linear and l.bias is None and use_onednn(l.weight) for l in linears):
+                    ACTIVE[id(m)] = packed_copy([l.weight for l in linears], rows)
+                    fused.update(id(l) for l in linears)
+        ACTIVE.update({id(m.weight): packed_copy([m.weight], rows) for module in modules for m in module.modules()
+                       if isinstance(m, Linear) and id(m) not in fused and use_onednn(m.weight)})
+    try:
+        yield
+    finally:
+        ACTIVE.clear()
+        ACTIVE.update(outer)
 
-    def forward(self, x, mask):
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+def project(module, x, *linears):
+    """[linear(x) for linear in linears], in one matmul by the stacked copy that packed_weights made for module's FUSED
+    projections, where it made one."""
+    if id(module) in ACTIVE and use_onednn(x) and not torch.is_grad_enabled():
+        y = torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(module)], None, "none", [], "")
+        return y.split([l.out_features for l in linears], -1)
+    return [l(x) for l in linears]
 
 
-class GPT2MLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.c_fc = Linear(cfg.n_embd, cfg.n_inner)
-        self.c_proj = Linear(cfg.n_inner, cfg.n_embd)
-        # gelu_new is the tanh approximation of GELU; plain "gelu" is the exact (erf) one
-        self.approximate = "none" if cfg.activation_function == "gelu" else "tanh"
+class OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b through oneDNN, with the backward pass through oneDNN too; x is kept for backward only when
+    W is trained (a frozen base weight under LoRA needs only W for the input's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # dL/dx = g W, a linear layer with weight W^T
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:  # dL/dW = g^T x, with its shorter side as rows: for LoRA's thin A and B that
+            g, x = grad.flatten(0, -2), x.flatten(0, -2)  # is several times faster
+            grad_w = g.t() @ x if g.shape[1] <= x.shape[1] else (x.t() @ g).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.flatten(0, -2).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x, weight, bias=None):
+    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy inside packed_weights."""
+    if not use_onednn(x):
+        return F.linear(x, weight, bias)
+    if id(weight) in ACTIVE and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(weight)], bias, "none", [], "")
+    return OneDNNLinear.apply(x, weight, bias)
+
+
+class OneDNNLoRALinear(LoRALinear):
+    """LoRALinear whose adapter matmuls run `linear` too: add_lora wraps a sped-up Linear in it (Linear.lora_class)."""
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + linear(linear(self.dropout(x), a) * self.scale, b)
 
 
-class GPT2Block(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.attn = GPT2Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.mlp = GPT2MLP(cfg)
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) that runs `linear`."""
+    lora_class = OneDNNLoRALinear
 
-    def forward(self, x, mask):
-        x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT2Model(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)  # learned absolute positions
-        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-
-    def forward(self, x, position_ids, mask):
-        """Run token embeddings x (B, T, D) at positions (B, T) under a boolean mask, as LlamaModel does;
-        return the final-normed hidden states."""
-        x = x + self.wpe(position_ids)
-        for block in self.h:
-            x = block(x, mask)
-        return self.ln_f(x)
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 # -----------------------------------------------------------------------------
-# Result files: tables and plots, as evaluate.py and extract.py write them
+# The speed path of the Llama decoder and the VLM, and speed_up, which swaps it in
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # the image files a folder of images is read for
+class FusedLlamaAttention(LlamaAttention):
+    """LlamaAttention with q, k and v in one matmul where packed_weights stacked them (`project`), and a forward of
+    unpadded rows."""
+    FUSED = ("q_proj", "k_proj", "v_proj")  # projections of the same input that packed_weights may stack
+
+    def qkv(self, x):
+        return project(self, x, self.q_proj, self.k_proj, self.v_proj)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_pos=None):
+        if x.dim() == 2:
+            return self.forward_unpadded(x, cos, sin, mask)
+        return super().forward(x, cos, sin, mask, cache, cache_pos)
+
+    def forward_unpadded(self, x, cos, sin, lengths):
+        """x (N, D): the tokens of rows of these lengths, one row after another, no padding (FastVLM.unpadded_logits).
+        Each row attends causally within itself: is_causal lets SDPA skip the masked half that a padded mask makes
+        it compute, which more than pays for one call per row."""
+        N = x.shape[0]
+        q, k, v = project(self, x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = q.view(N, self.n_head, -1), k.view(N, self.n_kv_head, -1), v.view(N, self.n_kv_head, -1)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # each row as a batch of one (B, H, T, hd): SDPA's flash kernel, not the slower math one it picks for 3-D inputs
+        rows = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in qkv), is_causal=True,
+                                               enable_gqa=self.n_kv_head != self.n_head)[0].transpose(0, 1)
+                for qkv in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+        return self.o_proj(torch.cat(rows).reshape(N, -1))
+
+class FusedLlamaMLP(LlamaMLP):
+    """LlamaMLP with gate and up in one matmul where packed_weights stacked them."""
+    FUSED = ("gate_proj", "up_proj")
+
+    def forward(self, x):
+        gate, up = project(self, x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
-def markdown_table(header, rows):
-    """A Markdown table; None prints as "-", a float with two decimals."""
-    fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]) + "\n"
+class FastVLM(VLM):
+    """VLM whose generate packs the decoder's weights for its batch (or runs compile_decode's compiled step), and whose
+    forward can skip the padding of right-padded rows (unpadded=True)."""
+
+    @torch.no_grad()
+    def generate(self, input_ids, *args, **kwargs):
+        """VLM.generate. Each decode step reads every weight for a few rows: on oneDNN, weights packed once for the
+        batch are faster (packed_weights), for the prompt's B * T0 rows too, with the same values. After
+        compile_decode(self, ...), the same tokens from the compiled decode step (prefill_static), which asks whether
+        every row has ended only every 8 tokens."""
+        if getattr(self, "decode_step", None) is not None:
+            return super().generate(input_ids, *args, **{"check_every": 8, **kwargs})
+        with packed_weights([self.language_model, self.lm_head], input_ids.shape[0]):
+            return super().generate(input_ids, *args, **kwargs)
+
+    def prefill(self, *args, **kwargs):
+        if getattr(self, "decode_step", None) is not None:
+            return prefill_static(self, *args, **kwargs)
+        return super().prefill(*args, **kwargs)
+
+    def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
+                logits_at=None, image_sizes=None, unpadded=False):
+        """VLM.forward; unpadded=True: the same (N, V) logits of right-padded rows from unpadded_logits, which skips
+        the padding."""
+        if unpadded:
+            if return_hidden:
+                raise InputError("unpadded=True gives the logits only; expected return_hidden=False")
+            return self.unpadded_logits(input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes)
+        return super().forward(input_ids, pixel_values, image_layer, attention_mask, return_hidden, logits_at,
+                               image_sizes)
+
+    def unpadded_logits(self, input_ids, pixel_values, image_layer, attention_mask, logits_at, image_sizes=None):
+        """forward(..., logits_at=logits_at) of right-padded rows (sft.collate's), with the decoder run on the real
+        tokens only, one row after another: no layer does any work for padding (about a fifth of the tokens of a
+        batch of the safety data). The same logits up to float32 rounding."""
+        B, T = input_ids.shape
+        keep = attention_mask.bool()
+        lengths = keep.sum(1)
+        if not torch.equal(keep, torch.arange(T, device=keep.device) < lengths[:, None]):
+            raise InputError("unpadded forward: attention_mask is not right padding; expected each row's 1s first, "
+                             "then only 0s (sft.collate)")
+        if logits_at is None or logits_at.dtype != torch.bool or bool((logits_at & ~keep).any()):
+            raise InputError("unpadded forward: expected logits_at, a (B, T) bool mask of real (unpadded) tokens")
+        if self.config.text.sliding_window is not None:
+            raise InputError(f"unpadded forward: the decoder has a sliding window of {self.config.text.sliding_window}"
+                             "; expected none (run the padded forward)")
+        x = self.embed(input_ids, pixel_values, image_layer, image_sizes)[keep]
+        positions = torch.arange(T, device=keep.device).expand(B, T)[keep]
+        hidden = self.language_model(x, positions, lengths.tolist())
+        return self.lm_head(hidden[logits_at[keep]])
 
 
-def write_csv(path, header, rows):
-    """A CSV file; None is an empty cell."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
+def speed_up(model):
+    """Swap the speed path into `model` in place and return it: the same parameters and state dict, the same numbers
+    up to float32 rounding. Call it once, on a loaded model, before add_lora and add_value_head (whose layers then stay
+    as they are made). Of an mllama model only the Llama layers change: its own layers run as they are."""
+    roots = [model]
+    if isinstance(model, MllamaVLM):
+        roots = [m for m in model.modules() if type(m) in (LlamaAttention, LlamaMLP)]
+    for m in [m for root in roots for m in root.modules()]:
+        if type(m) is nn.Linear:
+            m.__class__ = Linear  # only forward changes
+        elif type(m) is LlamaAttention:
+            m.__class__ = FusedLlamaAttention
+        elif type(m) is LlamaMLP:
+            m.__class__ = FusedLlamaMLP
+        elif type(m) is VLM:
+            m.__class__ = FastVLM
+    return model
 
 
-PLOT_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+# -----------------------------------------------------------------------------
+# torch.compile: a compiled decode step (gpt-fast's decode_one_token) and what keeps compiled code compiled once.
+# Dynamo guards on every shape, Python value and module flag a compiled function reads; a guard that fails recompiles,
+# and past torch._dynamo.config.recompile_limit it silently runs eager. So the KV cache has one fixed size, the
+# per-token mask is computed from tensors instead of built in Python, and the training forwards pad their lengths to
+# multiples of LENGTH_BUCKET (lppo.py, sft.py, reward.py with --compile).
+#
+# On a GPU:  compile_decode(vlm, batch_size, max_len), then vlm.generate(...) as always. The decode step runs as CUDA
+# graphs (mode="reduce-overhead"); the first call compiles (about a minute), later calls replay. On a CPU it compiles
+# to C++ with inductor, which is how the tests check it gives the eager tokens.
+
+LENGTH_BUCKET = 64
 
 
-def line_plot(panels, path, columns=None):
-    """Panels in a grid (one row unless `columns`) in one PNG, drawn with PIL: each {"title", "series": {name:
-    [(x, y), ...]}, "mark": x or None (a dashed vertical line, e.g. at the default layer)}."""
-    W, H = 380, 280  # one panel
-    columns = columns or len(panels)
-    image = Image.new("RGB", (W * columns, H * math.ceil(len(panels) / columns)), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=13)  # Pillow's own FreeType font; at its default size 10 spaces vanish
-    for k, panel in enumerate(panels):
-        x0, y0 = (k % columns) * W, (k // columns) * H
-        left, top, right, bottom = x0 + 76, y0 + 44, x0 + W - 12, y0 + H - 36
-        draw.text((x0 + W // 2, y0 + 12), panel["title"], fill="black", font=font, anchor="mm")
-        points = [(x, y) for pts in panel["series"].values() for x, y in pts if y is not None]
-        if not points:
-            continue
-        x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-        y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-        x_hi = max(x_hi, x_lo + 1)
-        pad = (y_hi - y_lo) * 0.08 if y_hi - y_lo > 1e-9 else max(1.0, abs(y_hi) * 0.1)  # a flat line sits mid-panel
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-        px = lambda x: left + (x - x_lo) / (x_hi - x_lo) * (right - left)
-        py = lambda y: bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
-        draw.rectangle([left, top, right, bottom], outline="black")
-        decimals = max(0, 1 - math.floor(math.log10((y_hi - y_lo) / 4)))  # enough to tell neighbouring ticks apart
-        for j in range(5):
-            y = y_lo + (y_hi - y_lo) * j / 4
-            draw.line([left - 4, py(y), left, py(y)], fill="black")
-            draw.text((left - 6, py(y)), f"{y:.{decimals}f}", fill="black", font=font, anchor="rm")
-        step = max(1, math.ceil((x_hi - x_lo) / 8))
-        for x in range(math.ceil(x_lo), math.floor(x_hi) + 1, step):
-            draw.line([px(x), bottom, px(x), bottom + 4], fill="black")
-            draw.text((px(x), bottom + 6), str(x), fill="black", font=font, anchor="mt")
-        draw.text(((left + right) // 2, y0 + H - 10), "image-encoder layer", fill="black", font=font, anchor="mm")
-        if panel.get("mark") is not None:
-            for y in range(int(top), int(bottom), 8):
-                draw.line([px(panel["mark"]), y, px(panel["mark"]), min(y + 4, bottom)], fill=(128, 128, 128))
-        for i, (name, pts) in enumerate(panel["series"].items()):
-            color = PLOT_COLORS[i % len(PLOT_COLORS)]
-            xy = [(px(x), py(y)) for x, y in pts if y is not None]
-            if len(xy) > 1:
-                draw.line(xy, fill=color, width=2)
-            for x, y in xy:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-            # the legend goes in a row above the panel, where it can hide no data
-            x = left + 90 * i
-            draw.line([x, y0 + 30, x + 16, y0 + 30], fill=color, width=2)
-            draw.text((x + 20, y0 + 30), name, fill="black", font=font, anchor="lm")
-    image.save(path)
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+class DecodeCache(KVCache):
+    """The KVCache of compile_decode, allocated once at a fixed (batch, max_len): the compiled step always sees the
+    same shapes, and under CUDA graphs the same addresses. `valid` (batch, max_len) is False on left padding."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        super().__init__(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
+        self.register_buffer("valid", torch.ones(batch, max_len, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("k_pos", torch.arange(max_len, device=device), persistent=False)
+
+
+def decode_one_token(vlm, tok, pos, cache_pos):
+    """Float32 next-token logits (B, V) after one token per row, tok (B,) at rotary positions pos (B, 1), written to
+    cache slot cache_pos (1,). The mask is computed from tensors (a row sees its valid keys up to cache_pos): every
+    step of every generate call has the same shapes and Python values, so this compiles once."""
+    cache, lm = vlm.decode_cache, vlm.language_model
+    mask = (cache.valid & (cache.k_pos <= cache_pos))[:, None, None]
+    h = lm(lm.embed_tokens(tok[:, None]), pos, mask, cache, cache_pos)
+    return vlm.response_logits(h[:, -1]).float()
+
+
+def compile_decode(vlm, batch_size, max_len, mode=None):
+    """Make vlm.generate run a compiled decode step over a static KV cache of batch_size rows x max_len positions
+    (prompt + new tokens); any smaller batch and shorter prompt reuse it. mode None: "reduce-overhead" (CUDA graphs)
+    on a GPU, inductor's default elsewhere. Call it after add_lora: adapters are part of the compiled step."""
+    if isinstance(vlm.config, MllamaConfig):
+        raise InputError("compile_decode: the compiled decode step is for llava and llava_next checkpoints; an mllama "
+                         "model generates eagerly (compile=False)")
+    if not isinstance(vlm, FastVLM):
+        raise InputError("compile_decode: expected a model from VLM.from_pretrained (or one given to speed_up), whose "
+                         "generate runs the compiled step")
+    window = vlm.config.text.sliding_window
+    if window is not None and max_len > window:
+        raise InputError(f"compile_decode: max_len={max_len} is longer than the sliding window of {window}; the "
+                         "compiled step has no window, expected max_len <= sliding_window")
+    emb = vlm.language_model.embed_tokens.weight
+    vlm.decode_cache = DecodeCache(vlm.config.text, batch_size, max_len, emb.dtype, emb.device)
+    for buf in vlm.decode_cache.buffers():
+        torch._dynamo.mark_static_address(buf)  # CUDA graphs then write the cache in place, never into a copy
+    mode = mode or ("reduce-overhead" if emb.device.type == "cuda" else "default")
+    vlm.decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    return vlm
+
+
+def prefill_static(vlm, input_ids, attention_mask, pixel_values, image_layer, max_new_tokens, image_sizes=None):
+    """VLM.prefill on the compiled step: the prompt in one eager call into compile_decode's cache, then decode(tok) is
+    one call of vlm.decode_step, without a host sync. The same sampling, in the same order: the same tokens and
+    logprobs."""
+    cache, cfg = vlm.decode_cache, vlm.config
+    (B, T0), (Bc, S) = input_ids.shape, cache.valid.shape
+    if B > Bc or T0 + max_new_tokens > S:
+        raise InputError(f"generate: {B} prompts of {T0} tokens + max_new_tokens={max_new_tokens} do not fit the "
+                         f"compiled KV cache of {Bc} rows x {S} positions; expected a larger compile_decode(vlm, "
+                         "batch_size, max_len)")
+    # rows B..Bc are filler that keeps the shapes fixed: all-valid zero embeddings, never read
+    x = F.pad(vlm.embed(input_ids, pixel_values, image_layer, image_sizes), (0, 0, 0, 0, 0, Bc - B))
+    cache.valid.fill_(True)
+    cache.valid[:, :T0] = F.pad(attention_mask, (0, 0, 0, Bc - B), value=1).bool()
+    pos = (cache.valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0)
+    prompt_pos = cache.k_pos[:T0]
+    hidden = vlm.language_model(x, pos, build_mask(cache.valid, prompt_pos, cache.k_pos), cache, prompt_pos)
+    pos, cache_pos = pos[:, -1:], cache.k_pos[T0 - 1:T0].clone()
+
+    def decode(tok):
+        nonlocal pos, cache_pos
+        pos, cache_pos = pos + 1, cache_pos + 1
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: CUDA graphs may reuse them
+        return vlm.decode_step(vlm, F.pad(tok, (0, Bc - B), value=cfg.pad_token_id), pos, cache_pos)[:B]
+
+    return vlm.response_logits(hidden[:B, -1]).float(), decode
+
+
+def decoder_states(vlm, x, attention_mask):
+    """VLM.hidden_states after the embedding: the decoder on embeddings x (B, T, D); with padding, positions count
+    from each row's first real token. A compiled training forward calls this on vlm.embed's output, so that the image
+    side, with its checks and per-row layers, stays eager."""
+    T = x.shape[1]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    idx = torch.arange(T, device=x.device)
+    window = vlm.config.text.sliding_window
+    return vlm.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx, window))
+
+
+def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
+    """lppo.response_forward after the embedding, on [prompt; response] embeddings x: what lppo.py's `compile`
+    compiles. Every shape in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket
+    and grad mode."""
+    return response_heads(vlm, decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1], tokens, temperature,
+                          with_values)
+
+
+def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
+    """lppo.response_forward for `compile`: the prompt left-padded and the response right-padded to multiples of
+    `bucket` (padding is masked, so every number is unchanged), the image side run eagerly, `heads` (decoder_heads,
+    compiled) on the rest."""
+    T0, n = ro["input_ids"].shape[1], ro["tokens"].shape[1]
+    left, right = round_up(T0, bucket) - T0, round_up(n, bucket) - n
+    pad = vlm.config.pad_token_id
+    tokens = F.pad(ro["tokens"], (0, right), value=pad)
+    ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
+    mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
+    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
+    logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
+    return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
+
+
+def compile_rollouts(vlm, batch_size, max_len):
+    """lppo.py's `compile`: generate on a compiled decode step (compile_decode), and the response forward that scores
+    and trains on rollouts returned: bucketed_response_forward on a compiled decoder_heads."""
+    compile_decode(vlm, batch_size, max_len)
+    return partial(bucketed_response_forward, heads=torch.compile(decoder_heads, fullgraph=True, dynamic=False))

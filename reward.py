@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import asdict, dataclass
 
 import tiktoken
 import torch
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, GPT2_CONV1D_WEIGHTS, LENGTH_BUCKET, VLM, GPT2Model, InputError, LlamaModel,
-                   LoRALinear, VLMConfig, add_lora, atomic_folder, atomic_save_safetensors, autocast, build_mask,
-                   check_writable_dir, compute_init, config_from_hf, config_to_hf, get_lr, gpt2_config_from_hf,
-                   gpt2_config_to_hf, load_tokenizer, load_weights, read_json, read_jsonl, resolve_checkpoint,
-                   rope_inv_freq, round_up, run_stage, strict_compile)
+from common import (DEVICE, DTYPE, InputError, atomic_folder, atomic_save_safetensors, autocast, check_writable_dir,
+                    compute_init, get_lr, read_json, read_jsonl, run_stage, strict_compile)
+from model import (LENGTH_BUCKET, VLM, LlamaModel, LoRALinear, VLMConfig, add_lora, build_mask, config_from_hf,
+                   config_to_hf, load_tokenizer, load_weights, pick_config, resolve_checkpoint, rope_inv_freq, round_up,
+                   speed_up)
 
 # -----------------------------------------------------------------------------
 # Bradley-Terry loss
@@ -155,6 +156,104 @@ def gpt2_tiktoken_encoding(folder):
         raise ValueError(f"{vocab_path}: tokens {extra[:5]} come from no merge in {merges_path}")
     return tiktoken.Encoding(name=f"gpt2:{os.path.abspath(folder)}", pat_str=GPT2_SPLIT_PATTERN,
                              mergeable_ranks=ranks, special_tokens=special_tokens)
+
+# -----------------------------------------------------------------------------
+# GPT-2 (Radford et al. 2019): the backbone of the paper's reward model (RewardModel puts a scalar head on it).
+# Module names are Hugging Face's (wte, wpe, h.N.ln_1, attn.c_attn, ...). HF stores GPT-2's linears as Conv1D
+# with weights [in, out]; ours are nn.Linear, [out, in], so those four weights are transposed on load and save.
+
+GPT2_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int = 0                      # 0: 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+
+    def __post_init__(self):
+        self.n_inner = self.n_inner or 4 * self.n_embd
+
+
+def gpt2_config_from_hf(d, where="config.json"):
+    """A GPT2Config from a transformers GPT-2 config.json, refusing the options our GPT-2 does not implement."""
+    if d.get("model_type") != "gpt2":
+        raise InputError(f"{where}: model_type is {d.get('model_type')!r}, expected 'gpt2'")
+    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                    ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+        if d.get(key, ok) != ok:
+            raise InputError(f"{where}: {key}={d[key]!r} is not supported, expected {ok!r}")
+    cfg = pick_config(GPT2Config, d, where)
+    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise InputError(f"{where}: activation_function {cfg.activation_function!r} is not supported, "
+                         "expected 'gelu_new'")
+    return cfg
+
+
+def gpt2_config_to_hf(cfg):
+    return {**asdict(cfg), "model_type": "gpt2"}
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, mask):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
+        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+        # gelu_new is the tanh approximation of GELU; plain "gelu" is the exact (erf) one
+        self.approximate = "none" if cfg.activation_function == "gelu" else "tanh"
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)  # learned absolute positions
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+
+    def forward(self, x, position_ids, mask):
+        """Run token embeddings x (B, T, D) at positions (B, T) under a boolean mask, as LlamaModel does;
+        return the final-normed hidden states."""
+        x = x + self.wpe(position_ids)
+        for block in self.h:
+            x = block(x, mask)
+        return self.ln_f(x)
 
 # -----------------------------------------------------------------------------
 # The reward model: a GPT-2 or Llama decoder, and a linear head read at each row's last real token
@@ -283,6 +382,7 @@ class RewardModel(nn.Module):
             with torch.device("meta"):
                 rm = cls(model_type, cfg, pad)
             load_reward_weights(rm, path, device, dtype, init_head)
+            speed_up(rm.backbone)  # model.py's CPU speed path; the head stays a plain float32 nn.Linear
         else:
             raise InputError(f"{where}: model_type {model_type!r} is not supported, expected 'gpt2' or 'llama' "
                              "(a reward model or a language model), or 'llava' (its language model)")

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (DEVICE, DTYPE, LENGTH_BUCKET, VLM, InputError, MllamaConfig, add_lora, atomic_torch_save, autocast,
-                   check_writable_dir, compute_init, copy_tokenizer_files, encode_prompt, fit_prompt, generator_for,
-                   get_lr, image_token_count, load_image, load_resume_checkpoint, load_tokenizer, merge_lora, read_json,
-                   read_jsonl, resolve_checkpoint, round_up, run_stage, save_lora, seed_for, strict_compile)
-from model import encode_images  # pixel_values and the family's image extras (NeXT's, mllama's) for the collated ids
+from common import (DEVICE, DTYPE, InputError, atomic_torch_save, autocast, check_writable_dir, compute_init,
+                    copy_tokenizer_files, generator_for, get_lr, load_resume_checkpoint, read_json, read_jsonl,
+                    run_stage, seed_for, strict_compile)
+from model import (LENGTH_BUCKET, VLM, MllamaConfig, add_lora, encode_images, encode_prompt, fit_prompt,
+                   image_token_count, load_image, load_tokenizer, merge_lora, resolve_checkpoint, round_up, save_lora)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 
@@ -162,7 +162,7 @@ def bucketed_sft_loss(net, input_ids, pixel_values, layers, mask, labels, n_targ
 
 
 # -----------------------------------------------------------------------------
-# Randomness named by (seed, step) keys (model.seed_for): a resumed run draws exactly what the uninterrupted run drew
+# Randomness named by (seed, step) keys (common.seed_for): a resumed run draws exactly what the uninterrupted run drew
 
 def batch_indices(n, step, size, seed):
     """Dataset indices of optimizer step `step`: the next `size` entries of a stream of per-epoch shuffles."""
@@ -295,9 +295,9 @@ def main():
     if compile:
         strict_compile()
     model = torch.compile(vlm, fullgraph=True, dynamic=False) if compile else vlm
-    # the eager llava decoder skips collate's right padding (VLM.unpadded_logits: the same loss, no work for the
-    # padding); mllama's decoder and a sliding window (Mistral) take the padded forward
-    skip_padding = {} if isinstance(cfg, MllamaConfig) or cfg.text.sliding_window is not None else {"unpadded": True}
+    # a model with an unpadded forward skips collate's right padding (FastVLM.unpadded_logits: the same loss, no work
+    # for the padding); others (mllama's decoder) and a sliding window (Mistral) take the padded forward
+    skip_padding = {"unpadded": True} if hasattr(vlm, "unpadded_logits") and cfg.text.sliding_window is None else {}
     if ddp:
         model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 

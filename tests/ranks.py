@@ -13,7 +13,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model import compute_cleanup
+from common import compute_cleanup
 
 
 def _rank_main(fn, rank, world_size, init_file, args):

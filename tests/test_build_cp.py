@@ -9,8 +9,7 @@ from PIL import Image
 
 from data.cp.build_cp import build_cp
 from evaluate import read_advbench_csv
-from model import read_prompt_jsonl
-from model import InputError
+from common import InputError, read_prompt_jsonl
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "cp" / "build_cp.py"
 

@@ -11,7 +11,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import tiny
-from model import VLM, InputError, add_lora, compile_decode, left_pad, lora_modules, strict_compile
+from common import InputError, strict_compile
+from model import VLM, add_lora, compile_decode, left_pad, lora_modules
 from test_model import pixels, prompt_ids
 
 

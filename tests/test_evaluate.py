@@ -22,7 +22,7 @@ from evaluate import (ANSWER_JUDGE, answer_kind, check_comparable, classifier_to
                       load_llama_guard, load_toxicity_classifier, pair_images, parse_llama_guard, per_layer_metrics,
                       perspective_toxicity, rate_cells, read_advbench_csv, read_jailbreakv_csv, read_vqa, read_xstest,
                       run_resumable, summary_table, vqa_accuracy, wilson_interval, xstest_refusal)
-from model import InputError, line_plot, markdown_table, read_jsonl, read_prompt_jsonl
+from common import InputError, line_plot, markdown_table, read_jsonl, read_prompt_jsonl
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"

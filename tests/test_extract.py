@@ -165,7 +165,7 @@ def test_default_layer_is_fitted_on_one_half_of_the_images_and_scored_on_the_oth
 
 
 def test_a_run_that_fails_while_writing_leaves_the_previous_results_whole(tiny_vlm, tmp_path, monkeypatch):
-    from model import InputError
+    from common import InputError
     out = tmp_path / "out"
     configure(monkeypatch, init_from=str(tiny_vlm), image_dir=str(make_images(tmp_path / "images")), out_dir=str(out))
     extract.main()

@@ -9,7 +9,7 @@ import torch
 
 import evaluate
 from evaluate import HUMAN_COLUMNS, KEYWORD_JUDGE, cohens_kappa, human_key_path, load_utility_model, utility_reward
-from model import InputError, read_jsonl
+from common import InputError, read_jsonl
 
 # -----------------------------------------------------------------------------
 # Cohen's kappa

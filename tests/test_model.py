@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import model
 import tiny
-from model import (VLM, InputError, add_lora, encode_batch, load_image, load_lora, load_tokenizer, lora_disabled,
-                   merge_lora, preprocess_image, save_lora)
+from common import InputError
+from model import (VLM, add_lora, encode_batch, load_image, load_lora, load_tokenizer, lora_disabled, merge_lora,
+                   preprocess_image, save_lora)
 
 TOL = 1e-4
 
@@ -438,7 +439,7 @@ def test_the_image_placeholder_is_never_generated(ckpt):
 def test_saved_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     """Checkpoints are written to a temp file and renamed; the temp file's private 0600 mode must not leak."""
     import stat
-    from model import atomic_save_safetensors, replace_dir
+    from common import atomic_save_safetensors, replace_dir
     mask = os.umask(0o022)
     try:
         atomic_save_safetensors({"w": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
@@ -463,16 +464,16 @@ def test_logits_at_selected_positions_equal_the_full_logits_there(ckpt):
 
 
 def test_a_ctrl_c_after_the_rename_leaves_the_new_file_and_no_error_about_the_temp_file(tmp_path, monkeypatch):
-    import model
+    import common
     real_replace = os.replace
 
     def replace_then_interrupt(src, dst):  # the signal lands right after the rename succeeded
         real_replace(src, dst)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(common.os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        model.atomic_save_safetensors({"w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+        common.atomic_save_safetensors({"w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
     monkeypatch.undo()
     assert torch.equal(load_file(tmp_path / "a.safetensors")["w"], torch.ones(2))
     assert os.listdir(tmp_path) == ["a.safetensors"]
@@ -480,9 +481,9 @@ def test_a_ctrl_c_after_the_rename_leaves_the_new_file_and_no_error_about_the_te
 
 @pytest.mark.parametrize("errno_, words", [(28, "No space left on device"), (30, "Read-only file system")])
 def test_a_failed_write_is_one_line_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch, errno_, words):
-    import model
+    import common
     path = tmp_path / "a.safetensors"
-    model.atomic_save_safetensors({"w": torch.ones(2)}, str(path))
+    common.atomic_save_safetensors({"w": torch.ones(2)}, str(path))
 
     def half_written(tensors, filename, metadata=None):  # a disk that fills up halfway through the file
         with open(filename, "wb") as f:
@@ -491,7 +492,7 @@ def test_a_failed_write_is_one_line_keeps_the_old_file_and_leaves_no_temp_file(t
 
     monkeypatch.setattr("safetensors.torch.save_file", half_written)
     with pytest.raises(InputError) as e:
-        model.atomic_save_safetensors({"w": torch.zeros(2)}, str(path))
+        common.atomic_save_safetensors({"w": torch.zeros(2)}, str(path))
     assert str(e.value) == f"{path}: could not be written ({words}); the previous version, if any, is untouched"
     assert torch.equal(load_file(path)["w"], torch.ones(2))
     assert os.listdir(tmp_path) == ["a.safetensors"]
@@ -510,19 +511,49 @@ def test_a_failed_folder_save_leaves_the_old_folder_and_no_temp_folder(ckpt, tmp
 
 
 def test_check_writable_dir_refuses_a_file_and_an_unwritable_folder(tmp_path, monkeypatch):
-    import model
+    import common
     (tmp_path / "f").write_text("")
     with pytest.raises(InputError, match="is a file; expected a folder"):
-        model.check_writable_dir(str(tmp_path / "f"))
-    model.check_writable_dir(str(tmp_path / "new" / "deeper"))  # created on the way
+        common.check_writable_dir(str(tmp_path / "f"))
+    common.check_writable_dir(str(tmp_path / "new" / "deeper"))  # created on the way
     assert os.listdir(tmp_path / "new" / "deeper") == []
 
     def read_only(*args, **kwargs):  # root ignores chmod, so the refusal is simulated
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(model.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(common.tempfile, "mkstemp", read_only)
     with pytest.raises(InputError, match=r"is not writable \(Read-only file system\)"):
-        model.check_writable_dir(str(tmp_path))
+        common.check_writable_dir(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# The speed path (model.speed_up, which from_pretrained calls) against the plain modules of the reading path
+
+def test_the_speed_path_computes_what_the_plain_modules_compute(ckpt):
+    """speed_up changes how, not what: generated tokens and their logprobs, logits, and a LoRA step's gradients of
+    from_pretrained's model equal those of the plain modules (fast=False), up to float32 rounding."""
+    from model import FastVLM, left_pad
+    path, _ = ckpt
+    ids, mask = left_pad(prompt_ids((5, 3, 7), seed=1), tiny.PAD_TOKEN)
+    pv = pixels(3, seed=1)
+    runs = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        vlm = VLM.from_pretrained(path, fast=fast)
+        assert isinstance(vlm, FastVLM) == fast and (type(vlm.lm_head) is torch.nn.Linear) != fast
+        tokens, logprobs = vlm.generate(ids, mask, pixel_values=pv, image_layer=2, max_new_tokens=8, temperature=1.0,
+                                        return_logprobs=True, generator=torch.Generator().manual_seed(0))
+        add_lora(vlm, targets=("q_proj", "v_proj", "up_proj"), r=4, alpha=8)
+        with torch.no_grad():
+            for name, p in vlm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        logits = vlm(ids, pixel_values=pv, image_layer=[1, 2, 3], attention_mask=mask)
+        logits[mask.bool()].logsumexp(-1).sum().backward()
+        runs.append([tokens, logprobs, logits] + [p.grad for p in vlm.parameters() if p.requires_grad])
+    assert torch.equal(runs[0][0], runs[1][0]) and len(runs[0]) == 3 + 3 * 2 * 2
+    for ours, ref in zip(runs[0][1:], runs[1][1:]):
+        assert maxdiff(ours, ref) <= TOL
 
 
 # -----------------------------------------------------------------------------

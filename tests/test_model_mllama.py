@@ -18,8 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import tiny
-from model import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VLM, InputError, MllamaVLM, add_lora, encode_batch, left_pad,
-                   load_tokenizer, lora_disabled, merge_lora, mllama_cross_attention_mask, mllama_preprocess_image)
+from common import InputError
+from model import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VLM, MllamaVLM, add_lora, encode_batch, left_pad, load_tokenizer,
+                   lora_disabled, merge_lora, mllama_cross_attention_mask, mllama_preprocess_image)
 
 TOL = 1e-4
 VOCAB = 128

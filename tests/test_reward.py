@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import reward
 import tiny
-from model import InputError, LoRALinear
+from common import InputError
+from model import LoRALinear
 from reward import RewardModel, choose_trainable, format_hh, read_preference_jsonl, right_pad
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import sft
 import tiny
-from model import VLM, InputError, add_lora, encode_batch, load_image, load_tokenizer
+from common import InputError
+from model import VLM, add_lora, encode_batch, load_image, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [("w10 w11 w12", "w40 w41 w42 w43"), ("w13 w14", "w50 w51"),
@@ -97,7 +98,7 @@ def test_long_prompt_is_cut_from_the_left_never_the_image(world, capsys):
 
 
 def test_the_unpadded_forward_gives_the_padded_loss_and_gradients(world):
-    """The training step runs the decoder on the real tokens only (VLM.unpadded_logits): for the same examples, the
+    """The training step runs the decoder on the real tokens only (FastVLM.unpadded_logits): for the same examples, the
     loss and every LoRA gradient are those of the padded forward."""
     tok = load_tokenizer(world / "tiny")
     vlm = add_lora(VLM.from_pretrained(world / "tiny"), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",

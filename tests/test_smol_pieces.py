@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from data.smol import pieces  # noqa: E402
-from model import InputError  # noqa: E402
+from common import InputError  # noqa: E402
 
 
 def trained_and_base():

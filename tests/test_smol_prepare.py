@@ -20,7 +20,7 @@ import torch
 
 import data.smol.prepare as smol_prepare
 from data.smol.prepare import default_cache_dir, fetch_gguf, gguf_name, here, image_token, pad_token, prepare
-from model import InputError
+from common import InputError
 
 TOL = 1e-3
 SMOL_VOCAB = 49152

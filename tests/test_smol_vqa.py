@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "smol"))
 import vqa  # noqa: E402
 
 from evaluate import vqa_accuracy  # noqa: E402
-from model import read_prompt_jsonl  # noqa: E402
+from common import read_prompt_jsonl  # noqa: E402
 
 
 def digest(img):
@@ -77,7 +77,7 @@ def test_the_world_builder_runs_a_stage_with_its_config_and_refuses_an_unknown_k
     import sft
 
     from data.smol import world
-    from model import InputError
+    from common import InputError
     seen = {}
     monkeypatch.setattr(sft, "main", lambda: seen.update(max_iters=sft.max_iters, merged_dir=sft.merged_dir))
     for key in sft.config_keys:  # every setting the config changes is restored after the test

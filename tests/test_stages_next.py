@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import sft
 import tiny
-from model import VLM, InputError, encode_images, image_token_count, load_image, load_tokenizer
+from common import InputError
+from model import VLM, encode_images, image_token_count, load_image, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(20, 50), (61, 33), (30, 30), (9, 14)]  # (height, width): wide, tall, square and small, 4 token counts

@@ -24,7 +24,7 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parents[1]))  # the repository root, for evaluate.py and model.py
 
 from evaluate import read_csv_rows  # noqa: E402  (the AdvBench CSV as evaluate.py reads it)
-from model import IMAGE_SUFFIXES, InputError, atomic_write, write_csv  # noqa: E402
+from common import IMAGE_SUFFIXES, InputError, atomic_write, write_csv  # noqa: E402
 
 num_goals = 10
 num_images = 10

@@ -25,7 +25,8 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parents[1]))  # the repository root, for model.py and the stage scripts
 
 from evaluate import is_refusal  # noqa: E402  (the same refusal test the evaluation uses)
-from model import VLM, InputError, generate_responses, load_tokenizer, read_prompt_jsonl  # noqa: E402
+from common import InputError, read_prompt_jsonl
+from model import VLM, generate_responses, load_tokenizer  # noqa: E402
 from reward import format_hh  # noqa: E402
 
 max_new_tokens = 48

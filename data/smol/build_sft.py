@@ -27,7 +27,8 @@ sys.path.insert(0, str(here.parent.parent))  # the repository root: model.py, ev
 
 from data.smol.prepare import prepare  # noqa: E402
 from evaluate import is_refusal  # noqa: E402
-from model import VLM, InputError, generate_responses, load_tokenizer, read_prompt_jsonl  # noqa: E402
+from common import InputError, read_prompt_jsonl
+from model import VLM, generate_responses, load_tokenizer  # noqa: E402
 
 base_dir = here / "smol-llava-base"
 out_path = here / "sft_train.jsonl"

@@ -18,8 +18,8 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root
 
 from evaluate import is_refusal, vqa_accuracy  # noqa: E402
-from model import (VLM, atomic_write_json, generate_responses, load_lora, load_tokenizer,  # noqa: E402
-                   read_prompt_jsonl, run_stage)
+from common import atomic_write_json, read_prompt_jsonl, run_stage
+from model import VLM, generate_responses, load_lora, load_tokenizer
 from reward import RewardModel  # noqa: E402
 
 model = "data/smol/smol-llava"

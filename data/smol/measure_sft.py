@@ -24,7 +24,8 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent.parent))  # the repository root, for model.py and evaluate.py
 
 from evaluate import KEYWORD_JUDGE, is_refusal  # noqa: E402
-from model import VLM, generate_responses, load_tokenizer, read_prompt_jsonl, run_stage  # noqa: E402
+from common import read_prompt_jsonl, run_stage
+from model import VLM, generate_responses, load_tokenizer  # noqa: E402
 
 model = "data/smol/smol-llava"
 out_dir = "out/measure_sft"

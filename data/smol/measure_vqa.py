@@ -16,7 +16,8 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root
 
 from evaluate import vqa_accuracy  # noqa: E402
-from model import VLM, generate_responses, load_tokenizer, read_prompt_jsonl, run_stage  # noqa: E402
+from common import read_prompt_jsonl, run_stage
+from model import VLM, generate_responses, load_tokenizer  # noqa: E402
 from data.smol import vqa  # noqa: E402
 
 model = "data/smol/smol-llava-vision"

@@ -30,7 +30,7 @@ here = Path(__file__).resolve().parent
 root = here.parent.parent
 sys.path.insert(0, str(root))
 
-from model import InputError, atomic_folder, atomic_save_safetensors, copy_tokenizer_files, run_stage  # noqa: E402
+from common import InputError, atomic_folder, atomic_save_safetensors, copy_tokenizer_files, run_stage  # noqa: E402
 
 base_dir = "data/smol/smol-llava-base"
 pieces_dir = "data/smol/pieces"

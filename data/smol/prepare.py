@@ -23,7 +23,7 @@ from tqdm import tqdm
 here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parent.parent))  # the repository root, for model.py when run as a script
 
-from model import InputError  # noqa: E402
+from common import InputError  # noqa: E402
 
 default_out_dir = here / "smol-llava-base"
 default_cache_dir = here / "cache"

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))  # the repository root, for model.py
 
-from model import VLM, copy_tokenizer_files, preprocess_image, seed_for  # noqa: E402
+from common import copy_tokenizer_files, seed_for
+from model import VLM, preprocess_image  # noqa: E402
 from data.smol import vqa  # noqa: E402
 
 base_dir = os.path.join(here, "smol-llava-base")

@@ -12,7 +12,7 @@ import sys
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))
 
-from model import atomic_write_json, markdown_table, read_json, run_stage  # noqa: E402
+from common import atomic_write_json, markdown_table, read_json, run_stage  # noqa: E402
 
 refusals = "out/measure-smol/smol-llava.json"
 vqa = "out/vqa-smol-llava.json"

@@ -27,7 +27,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(os.path.dirname(here))
 sys.path.insert(0, root)
 
-from model import InputError, run_stage  # noqa: E402
+from common import InputError, run_stage  # noqa: E402
 
 
 def run_with_config(stage, config):

@@ -302,11 +302,15 @@ def main():
         model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 
     text_rms = vlm.language_model.embed_tokens.weight.detach().float().pow(2).mean(-1).sqrt().mean()
+    projected = []  # the projector's outputs of the forward pass at hand, kept by a hook for the scale bound
+    if projector_rms_ratio:
+        vlm.multi_modal_projector.register_forward_hook(lambda module, args, out: projected.append(out))
 
-    def scale_penalty(pixels, layers):
+    def scale_penalty():
         """The bound on the projected tokens' scale: the square of how far, in log, each token's RMS passes
         projector_rms_ratio x the text embeddings' RMS, averaged over the tokens (0 inside the bound)."""
-        feats = vlm.multi_modal_projector(vlm.vision_features(pixels, layers))
+        feats = torch.cat([p.reshape(-1, p.shape[-1]) for p in projected])
+        projected.clear()
         over = torch.log(feats.float().pow(2).mean(-1).sqrt() / (projector_rms_ratio * text_rms)).clamp(min=0)
         return projector_rms_weight * over.pow(2).mean()
 
@@ -327,7 +331,7 @@ def main():
                          **skip_padding)
             loss = sft_loss(logits, labels, n_target)
             if projector_rms_ratio and pixels is not None:  # each micro-batch's share of the step's mean penalty
-                loss = loss + scale_penalty(pixels, layers) * len(seen) / (batch_size * gradient_accumulation_steps)
+                loss = loss + scale_penalty() * len(seen) / (batch_size * gradient_accumulation_steps)
             return loss, int(mask.sum())
 
     @torch.no_grad()

@@ -380,9 +380,8 @@ def main():
         print0(f"resumed from {ckpt_path} at iteration {iter_num}")
 
     def evaluate_now():
-        """Greedy, on the validation sets: refusal of the harmful prompts (evaluate.refuses) and VQA accuracy at the
-        trained layer(s) and the default layer (-2 and 11 are one layer), over-refusal of the benign prompts at the
-        default layer."""
+        """Greedy, on the validation sets: refusal (evaluate.refuses) of the harmful prompts and VQA accuracy at the
+        trained and the default layer (-2 and 11 are one), over-refusal of the benign prompts at the default layer."""
         result, by_index = {}, {vlm.image_layer_index(l): l for l in [*image_layers, default_layer]}
         for name, rows in eval_sets.items():
             for layer in [by_index[i] for i in sorted(by_index)] if name != "benign" else [default_layer]:

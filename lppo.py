@@ -276,7 +276,7 @@ lora_dropout = 0.0                          # dropout would make old and new log
 lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # schedule
 max_iters = 24
-eval_interval = 8
+eval_interval = 24                          # evaluate at the start, every this many iterations and at the end
 eval_max_new_tokens = 32
 eval_size = 0                               # prompts per eval set; 0 = all
 checkpoint_interval = 4

@@ -177,6 +177,13 @@ def test_sft_compiled_forward_has_no_graph_break_gives_the_eager_loss_and_never_
     assert not counters["graph_break"]
 
 
+def close(got, want, rel=1e-5):
+    """Whether got equals want to float32 rounding, relative to want's largest entry (at least 1): padding to a bucket
+    changes the order of the sums, by an amount that grows with the size of what is summed and that differs between
+    CPU kernels (AVX2, AVX-512)."""
+    return (got - want).abs().max().item() <= rel * max(1.0, want.abs().max().item())
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_reward_compiled_forward_gives_the_eager_scores_and_never_recompiles_after_warm_up(kind, tmp_path, strict):
     from reward import RewardModel, bradley_terry_loss, right_pad
@@ -193,11 +200,11 @@ def test_reward_compiled_forward_gives_the_eager_scores_and_never_recompiles_aft
         top = [30, 60][step % 2]
         seqs = ragged(torch.randint(3, top, (3,), generator=g).tolist() + [top], 3, 100, seed=step)
         want, got = eager(*right_pad(seqs, pad)), net(*right_pad(seqs, pad, multiple=32))
-        assert (got - want).abs().max().item() <= 1e-5
+        assert close(got, want)
         bradley_terry_loss(want[:2], want[2:])[0].backward()
         bradley_terry_loss(got[:2], got[2:])[0].backward()
         for p_e, p_c in zip(eager.parameters(), compiled.parameters()):
-            assert (p_e.grad - p_c.grad).abs().max().item() <= 1e-5
+            assert close(p_c.grad, p_e.grad), (p_c.grad - p_e.grad).abs().max().item()
             p_e.grad = p_c.grad = None
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"]

@@ -17,6 +17,7 @@ STAGE = {
     "llama32v_l5": "lppo", "llava15_l5": "lppo", "llava_next_l5": "lppo", "smol_lppo": "lppo", "smol_lppo_all": "lppo",
     "llava15_sft_l5": "sft", "llava_next_sft_l5": "sft", "smol_sft": "sft", "smol_sft_all": "sft",
     "smol_sft_full": "sft", "smol_sft_l1": "sft", "smol_vision": "sft", "smol_sft_converged": "sft",
+    "smol_sft_matched": "sft",
     "smol_extract": "extract",
 }
 

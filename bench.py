@@ -8,8 +8,8 @@ On a CPU (shape "smol"): the smol world's base model, data/smol/smol-llava-base 
    speed);
 2. one LoRA training step (r=16 on q/k/v/o, AdamW, loss on the last 64 tokens), ours vs transformers + peft;
 3. one step of sft.py's safety stage (config/smol_sft.py's LoRA, sft.py's loss, right-padded rows of the safety
-   data's lengths): ours, ours with the decoder on the padding too (the step before unpadded_logits), that on MKL
-   matmuls (model.ONEDNN off: the step before oneDNN and unpadding), and transformers + peft.
+   data's lengths): ours, ours with the decoder on the padding too (no unpadded_logits), that on MKL matmuls
+   (model.ONEDNN off: neither oneDNN nor unpadding), and transformers + peft.
 Timings are the best of `repeats` runs, ours and theirs alternating, so that both sides of a ratio see the same
 machine load; run with OMP_NUM_THREADS=1 on a shared machine.
 
@@ -168,7 +168,7 @@ def smol_batch(cfg, B, T, n_label, g):
 def training_steps(vlm, hf, ids, labels, mask, pixels):
     """{"ours": step, "ours_padded": step, "peft": step}: forward, backward and AdamW step on the same batch. Ours
     computes the vocabulary head only where a label follows and the decoder only on the real tokens (sft.py's step),
-    ours_padded the decoder on the padding too (sft.py's step before unpadded_logits); transformers computes the
+    ours_padded the decoder on the padding too (sft.py's step without unpadded_logits); transformers computes the
     vocabulary head everywhere (its labels= loss)."""
     from sft import sft_loss, target_positions
     n_target = int((labels[:, 1:] != -100).sum())

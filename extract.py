@@ -37,8 +37,7 @@ import torch
 
 from common import (DEVICE, DTYPE, IMAGE_SUFFIXES, InputError, atomic_save_safetensors, atomic_write, atomic_write_json,
                     check_writable_dir, line_plot, markdown_table, run_stage, write_csv)
-from model import VLM, load_image, pack_anyres, preprocess_anyres, preprocess_image
-from model import MllamaVLM, encode_images
+from model import VLM, layer_features, load_image
 
 # -----------------------------------------------------------------------------
 # Statistics on (N, D) feature sets, in float64
@@ -130,36 +129,11 @@ def layer_statistics(fit, features, default_layer, text_embeddings, shrinkage):
     return rows
 
 
-def image_crops(cfg, image, tokens_per_crop):
-    """(crops, 3, S, S) CLIP inputs of one image and the indices, into its flattened (crops * tokens_per_crop) crop
-    tokens, of those the LM reads: LLaVA-1.5's one view, all of it; LLaVA-NeXT's anyres crops, base view first."""
-    if cfg.image_grid_pinpoints is None:
-        return preprocess_image(image, cfg.vision.image_size)[None], torch.arange(tokens_per_crop)
-    crops, size = preprocess_anyres(image, cfg.vision.image_size, cfg.image_grid_pinpoints)
-    # pack the tokens' own indices as the model packs features; image_newline, marked -1, is dropped
-    index = torch.arange(len(crops) * tokens_per_crop, dtype=torch.float64).view(len(crops), tokens_per_crop, 1)
-    packed = pack_anyres(cfg, index, [size], torch.tensor([-1.0], dtype=torch.float64))[:, 0]
-    return crops, packed[packed >= 0].long()
-
-
 # layer_statistics' keys -> the table's and the plot's names
 COLUMNS = {"cos_default": "cos vs default", "norm_default": "norm / default", "cka_default": "CKA vs default",
            "fd_default": "FD vs default", "cos_text": "cos vs text", "norm_text": "norm / text",
            "fd_text": "FD vs text", "ood": "Mahalanobis OOD"}
 
-
-@torch.no_grad()
-def mllama_layer_features(vlm, images, layers):
-    """({layer: (B, tiles * tokens, vision_output_dim)}, valid (B, tiles * tokens) bool) for Llama 3.2 Vision: what
-    its projector reads with the local ViT stopped at each layer (MllamaVisionModel), one vision pass per layer, as
-    an early exit changes everything after it; valid is False on the padding tiles of images with fewer tiles."""
-    ids = torch.full((len(images), 1), vlm.config.image_token_id)  # one image token per row: its cross mask is unused
-    inputs = encode_images(vlm, images, ids)
-    dev = vlm.lm_head.weight.device
-    pixels, ar_ids, ar_mask = (inputs[k].to(dev) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"))
-    feats = {l: vlm.vision_features(pixels, l, ar_ids, ar_mask).flatten(1, 3) for l in layers}
-    valid = ar_mask[:, 0, :, None].expand(-1, -1, vlm.config.vision.num_patches).flatten(1).bool()
-    return feats, valid.cpu()
 
 # -----------------------------------------------------------------------------
 # default config values; config/*.py and --key=value override them (configurator.py)
@@ -201,36 +175,26 @@ def main():
     vlm = VLM.from_pretrained(init_from, device=device, dtype=dtypes[dtype])
     L = vlm.config.vision.num_hidden_layers
     default_layer = vlm.image_layer_index(None)
-    mllama = isinstance(vlm, MllamaVLM)
-    drop_cls = not mllama and vlm.config.vision_feature_select_strategy == "default"
-    patches = (vlm.config.vision.image_size // vlm.config.vision.patch_size) ** 2
-    n_per_crop = None if mllama else patches + (not drop_cls)  # mllama's: tiles x tokens, set by the first batch
 
-    # one pass through CLIP per batch keeps every layer's hidden state, of every crop (one per image for LLaVA-1.5);
-    # Llama 3.2 Vision's features are its vision model's output with the local ViT stopped at each layer, one block of
-    # tiles x tokens per image, of which the padding tiles' tokens are not read
+    # every layer's features of every crop of a batch of images, with the rows of them the LM reads
+    # (model.layer_features); some tokens of Llama 3.2 Vision's are padding tiles', marked by valid
     per_layer, crops_per_image, reads, valid = {l: [] for l in range(L + 1)}, [], [], []
     for i in range(0, len(images), batch_size):
         chunk = [load_image(p) for p in images[i:i + batch_size]]
-        if mllama:
-            features, chunk_valid = mllama_layer_features(vlm, chunk, range(L + 1))
-            n_per_crop = chunk_valid.shape[1]
-            valid.append(chunk_valid)
-            batch = [(None, v.nonzero()[:, 0]) for v in chunk_valid]
-        else:
-            batch = [image_crops(vlm.config, im, n_per_crop) for im in chunk]
-            pixels = torch.cat([crops for crops, _ in batch]).to(device, dtypes[dtype])
-            features = vlm.vision_tower(pixels, set(range(L + 1)))
+        features, crops, rows, chunk_valid = layer_features(vlm, chunk, range(L + 1))
         for l, h in features.items():
-            per_layer[l].append((h[:, 1:] if drop_cls else h).to("cpu", dtypes[save_dtype]))
-        crops_per_image += [1 if crops is None else len(crops) for crops, _ in batch]
-        reads += [rows for _, rows in batch]
+            per_layer[l].append(h.to("cpu", dtypes[save_dtype]))
+        crops_per_image += crops
+        reads += rows
+        if chunk_valid is not None:
+            valid.append(chunk_valid)
         print(f"features: {min(i + batch_size, len(images))}/{len(images)} images")
     per_layer = {l: torch.cat(hs) for l, hs in per_layer.items()}
+    n_per_crop = per_layer[default_layer].shape[1]  # tokens per crop (Llama 3.2 Vision: per image, tiles x tokens)
     meta = {"images": json.dumps(images), "default_layer": str(default_layer), "model": init_from,
             "crops_per_image": json.dumps(crops_per_image)}
     atomic_save_safetensors({**{f"layer_{l}": h.contiguous() for l, h in per_layer.items()},
-                             **({"valid_tokens": torch.cat(valid).to(torch.uint8)} if mllama else {})},
+                             **({"valid_tokens": torch.cat(valid).to(torch.uint8)} if valid else {})},
                             os.path.join(out_dir, "features.safetensors"), metadata=meta)
 
     # The default layer's references are fitted on half of the images and every layer, the default included, is

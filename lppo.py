@@ -28,9 +28,8 @@ from model import (VLM, add_lora, compile_rollouts, encode_batch, extend_per_tok
 
 
 def masked_mean(x, mask, dim=None):
-    """Mean of x over the positions where mask is 1."""
+    """Mean of x over the positions where mask is 1 (the clamp: an all-padding row gives 0, not NaN)."""
     mask = mask.to(x.dtype)
-    # clamp: an all-padding row gives 0 instead of NaN
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
@@ -82,8 +81,7 @@ def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1
     lengths = mask.sum(dim=1).long()
     if (lengths == 0).any():
         raise ValueError(f"compute_rewards: rows {(lengths == 0).nonzero().flatten().tolist()} have no valid token")
-    last = (lengths - 1).unsqueeze(1)
-    rewards = rewards.scatter_add(1, last, scores.to(rewards.dtype).unsqueeze(1))
+    rewards = rewards.scatter_add(1, (lengths - 1).unsqueeze(1), scores.to(rewards.dtype).unsqueeze(1))
     return rewards, kl
 
 
@@ -107,8 +105,7 @@ def compute_gae(rewards, values, mask, gamma, lam):
     """Generalized advantage estimates A_t and returns R_t = A_t + V_t; zero past each row's end."""
     mask = mask.to(values.dtype)
     # the state after the last valid token is terminal, so its value must be 0, whatever the critic said
-    values = values * mask
-    rewards = rewards * mask
+    values, rewards = values * mask, rewards * mask
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
@@ -151,9 +148,8 @@ def clipped_value_loss(values, old_values, returns, mask, clip_eps_v):
 
 # -----------------------------------------------------------------------------
 # the pieces of one iteration that touch the model. A rollout is one dict of (B, ...) tensors: the prompt batch
-# (input_ids, attention_mask, pixel_values and the family's image extras, see model.image_extras), the image layer of
-# each row (layers), the response (tokens, mask), and what PPO adds to it (old_logprobs, old_values, advantages,
-# returns).
+# (input_ids, attention_mask, pixel_values and the family's image extras: model.image_extras), each row's image layer
+# (layers), the response (tokens, mask) and what PPO adds to it (old_logprobs, old_values, advantages, returns).
 
 
 def response_forward(vlm, ro, temperature, with_values=True):

@@ -768,6 +768,18 @@ def pack_anyres(cfg, feats, image_sizes, newline):
     return torch.cat(out)
 
 
+def image_crops(cfg, image, tokens_per_crop):
+    """(crops, 3, S, S) CLIP inputs of one image and the indices, into its flattened (crops * tokens_per_crop) crop
+    tokens, of those the LM reads: LLaVA-1.5's one view, all of it; LLaVA-NeXT's anyres crops, base view first."""
+    if cfg.image_grid_pinpoints is None:
+        return preprocess_image(image, cfg.vision.image_size)[None], torch.arange(tokens_per_crop)
+    crops, size = preprocess_anyres(image, cfg.vision.image_size, cfg.image_grid_pinpoints)
+    # pack the tokens' own indices as the model packs features; image_newline, marked -1, is dropped
+    index = torch.arange(len(crops) * tokens_per_crop, dtype=torch.float64).view(len(crops), tokens_per_crop, 1)
+    packed = pack_anyres(cfg, index, [size], torch.tensor([-1.0], dtype=torch.float64))[:, 0]
+    return crops, packed[packed >= 0].long()
+
+
 # -----------------------------------------------------------------------------
 # Scoring what was sampled: the same temperature as sample_token, so that a rollout's logprobs and the ones PPO
 # trains on agree
@@ -1321,6 +1333,41 @@ def encode_images(vlm, images, input_ids):
                                  f"needs {need} (expand <image> to image_token_count of the row's own image)")
         return anyres_pixel_values(cfg, images)
     return {"pixel_values": torch.stack([preprocess_image(im, cfg.vision.image_size) for im in images])}
+
+
+def example_image_tokens(cfg, image_size):
+    """encode_prompt's `image` for one example whose image is image_size (height, width), or None for a text-only
+    one: 0 without an image, LLaVA-NeXT's image_token_count of that size, True (the fixed count) otherwise."""
+    if image_size is None:
+        if isinstance(cfg, MllamaConfig):
+            raise InputError("a row without an image; expected an image with every row for a Llama 3.2 Vision model "
+                             "(text-only rows are for the llava family)")
+        return 0
+    return image_token_count(cfg, *image_size) if getattr(cfg, "image_grid_pinpoints", None) is not None else True
+
+
+def image_tokens_vary(path):
+    """Whether the checkpoint folder at path gives each image as many tokens as its size makes (LLaVA-NeXT's anyres),
+    read from its config.json alone, before any weights load."""
+    return read_json(os.path.join(path, "config.json")).get("model_type") == "llava_next"
+
+
+@torch.no_grad()
+def layer_features(vlm, images, layers):
+    """Every one of `layers`' image features of these PIL images, as the projector reads them, from one vision pass:
+    ({layer: (crops, tokens, D)}, crops per image, rows, valid). Each image is one crop for LLaVA-1.5 and its anyres
+    crops for LLaVA-NeXT; rows[i] indexes image i's flattened (crops * tokens) tokens that the LM reads. valid (B,
+    tokens) marks the tokens of real tiles for Llama 3.2 Vision (mllama_layer_features), and is None otherwise."""
+    if isinstance(vlm, MllamaVLM):
+        return mllama_layer_features(vlm, images, layers)
+    cfg = vlm.config
+    drop_cls = cfg.vision_feature_select_strategy == "default"
+    batch = [image_crops(cfg, im, (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + (not drop_cls))
+             for im in images]
+    p = vlm.vision_tower.embeddings.patch_embedding.weight
+    hs = vlm.vision_tower(torch.cat([crops for crops, _ in batch]).to(p.device, p.dtype), set(layers))
+    return ({l: h[:, 1:] if drop_cls else h for l, h in hs.items()}, [len(crops) for crops, _ in batch],
+            [rows for _, rows in batch], None)
 
 
 # -----------------------------------------------------------------------------
@@ -1950,6 +1997,20 @@ def mllama_encode_images(cfg, images, input_ids):
             "aspect_ratio_mask": ar_mask[:, None],
             "cross_attention_mask": mllama_cross_attention_mask(input_ids, cfg.image_token_id, [[n] for n in n_tiles],
                                                                 v.max_num_tiles)}
+
+
+@torch.no_grad()
+def mllama_layer_features(vlm, images, layers):
+    """layer_features for Llama 3.2 Vision: what its projector reads with the local ViT stopped at each layer
+    (MllamaVisionModel), one vision pass per layer, as an early exit changes everything after it. Each image is one
+    block of tiles x tokens, whose padding tiles' tokens valid marks False and rows leaves out."""
+    ids = torch.full((len(images), 1), vlm.config.image_token_id)  # one image token per row: its cross mask is unused
+    inputs = mllama_encode_images(vlm.config, images, ids)
+    dev = vlm.lm_head.weight.device
+    pixels, ar_ids, ar_mask = (inputs[k].to(dev) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"))
+    feats = {l: vlm.vision_features(pixels, l, ar_ids, ar_mask).flatten(1, 3) for l in layers}
+    valid = ar_mask[:, 0, :, None].expand(-1, -1, vlm.config.vision.num_patches).flatten(1).bool().cpu()
+    return feats, [1] * len(images), [v.nonzero()[:, 0] for v in valid], valid
 
 
 # =============================================================================

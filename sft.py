@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (DEVICE, DTYPE, InputError, atomic_torch_save, autocast, check_writable_dir, compute_init,
-                    copy_tokenizer_files, generator_for, get_lr, load_resume_checkpoint, read_json, read_jsonl,
-                    run_stage, seed_for, strict_compile)
-from model import (LENGTH_BUCKET, VLM, MllamaConfig, add_lora, encode_images, encode_prompt, fit_prompt,
-                   image_token_count, load_image, load_tokenizer, merge_lora, resolve_checkpoint, round_up, save_lora)
+                    copy_tokenizer_files, generator_for, get_lr, load_resume_checkpoint, read_jsonl, run_stage,
+                    seed_for, strict_compile)
+from model import (LENGTH_BUCKET, VLM, add_lora, encode_images, encode_prompt, example_image_tokens, fit_prompt,
+                   image_tokens_vary, load_image, load_tokenizer, merge_lora, resolve_checkpoint, round_up, save_lora)
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on (F.cross_entropy's ignore_index)
 
@@ -88,16 +88,12 @@ def build_example(tok, cfg, prompt, response, max_len, image=True):
 
 
 def tokenize_examples(rows, tok, cfg, max_len):
-    """build_example for every row, with its own image's token count on LLaVA-NeXT; says once how many prompts were
-    cut to fit max_len."""
-    anyres = getattr(cfg, "image_grid_pinpoints", None) is not None
+    """build_example for every row, with its own image's token count (model.example_image_tokens); says once how
+    many prompts were cut to fit max_len."""
     examples, n_cut = [], 0
     for row in rows:
-        if row["image"] is None and isinstance(cfg, MllamaConfig):
-            raise InputError(f"{row['where']}: a row without an image; expected an image with every row for a Llama "
-                             "3.2 Vision model (text-only rows are for the llava family)")
-        image = 0 if row["image"] is None else image_token_count(cfg, *row["image_size"]) if anyres else True
         try:
+            image = example_image_tokens(cfg, row["image_size"])
             ids, labels, cut = build_example(tok, cfg, row["prompt"], row["response"], max_len, image)
         except InputError as e:
             raise InputError(f"{row['where']}: {e}") from None
@@ -254,7 +250,7 @@ def main():
     val_rows = read_sft_jsonl(val_data) if val_data else []
     path = resolve_checkpoint(init_from)
     tok = load_tokenizer(path)
-    if compile and read_json(os.path.join(path, "config.json")).get("model_type") == "llava_next":
+    if compile and image_tokens_vary(path):
         raise InputError(f"compile=True with the LLaVA-NeXT checkpoint {init_from}: each image's size sets its crops "
                          "and image tokens, so every batch would compile anew; expected compile=False")
     vlm = VLM.from_pretrained(path, device=dev, dtype=getattr(torch, dtype))

@@ -1,16 +1,16 @@
 # L-PPO on the smol world: what `python lppo.py` runs with no config (lppo.py's defaults, spelled out).
-# Run: python lppo.py   (how these settings were chosen: docs/tuning.md; what they give: docs/smol-results.md)
+# Run: python lppo.py   (what it gives: docs/results.md; the runs that chose it: docs/archive/tuning.md)
 init_from = "data/smol/smol-llava"
 reward_model = "out/smol-rm"
 # the harmful file listed 7 times, the benign one 4 times: 58.5% of rollouts are harmful requests. More harmful
-# rollouts buy safety with over-refusal, more benign ones the reverse (docs/tuning.md)
+# rollouts buy safety with over-refusal, more benign ones the reverse (docs/archive/tuning.md)
 prompt_files = ["data/smol/harmful_train.jsonl"] * 7 + ["data/smol/benign_train.jsonl"] * 4
 eval_harmful = "data/smol/harmful_val.jsonl"  # refusal at the trained and the default layer (-2 = 11), every eval
 eval_benign = "data/smol/benign_val.jsonl"  # over-refusal at the default layer
 eval_vqa = "data/smol/vqa/vqa_test.jsonl"  # smol-VQA accuracy at the trained and the default layer (data/smol/vqa.py)
 out_dir = "out/lppo-smol"
 
-image_layer = 1  # the most vulnerable layer of the sweep (docs/smol-results.md)
+image_layer = 1  # the most vulnerable layer of the sweep (docs/results.md)
 
 batch_size = 16
 max_new_tokens = 32

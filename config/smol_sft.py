@@ -2,7 +2,7 @@
 # TRAIN requests and the base model's answers to the benign ones (data/smol/build_sft.py), with smol-VQA questions
 # mixed in so that the model keeps its sight, as LLaVA mixes its data; merged into smol-llava/.
 # It stops half-way through a 120-iteration schedule, while refusal has been learnt at the default layer and has not
-# yet spread to the early ones: the ICET gap the world exists to show (docs/smol-results.md). Trained to the end,
+# yet spread to the early ones: the ICET gap the world exists to show (docs/results.md). Trained to the end,
 # or as config/smol_sft_full.py, the model refuses at every layer alike and there is nothing for L-PPO to repair.
 # Run: python data/smol/world.py (it runs this config after the stages before it; results: docs/)
 init_from = "data/smol/smol-llava-vision"

@@ -1,7 +1,7 @@
 # The layer-wise SFT baseline on the smol world, next to L-PPO at the same layer (config/smol_lppo.py): LoRA SFT of
 # smol-llava with the features of image layer 1, on refusals of the harmful TRAIN requests and answers to the benign
 # ones (data/smol/sft_train.jsonl), with the adapter capacity of L-PPO (r=8 on q/k/v/o).
-# Run: python sft.py config/smol_sft_l1.py   (compared in docs/smol-results.md)
+# Run: python sft.py config/smol_sft_l1.py   (compared in docs/results.md)
 init_from = "data/smol/smol-llava"
 data = "data/smol/sft_train.jsonl"
 out_dir = "out/sft-smol-l1"

@@ -90,7 +90,8 @@ def test_long_prompt_is_cut_from_the_left_never_the_image(world, capsys):
     n_image = cfg.image_seq_length
     ids, labels, n_cut = sft.build_example(tok, cfg, "w5 w6 w9 w10", "w7 w8", max_len=n_image + 9)
     assert n_cut == 1 and ids[-7:] == [6, 9, 10, 101, 7, 8, 2] and ids.count(tiny.IMAGE_TOKEN) == n_image
-    rows = [{"prompt": "w5 w6 w9 w10", "response": "w7 w8", "image": "a.png", "where": "x.jsonl:1"}] * 2
+    rows = [{"prompt": "w5 w6 w9 w10", "response": "w7 w8", "image": "a.png", "image_size": (28, 28),
+             "where": "x.jsonl:1"}] * 2
     sft.tokenize_examples(rows, tok, cfg, n_image + 9)
     assert capsys.readouterr().out.count("cut from the left") == 1
     with pytest.raises(InputError, match=r"x.jsonl:1: the image tokens, chat template and response need 22 tokens"):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import evaluate
 import extract
 import sft
+from common import InputError
 from lppo import ppo_update, response_forward, score_rollout
 from model import (VLM, MllamaVLM, add_lora, encode_batch, extend_per_token, first_eos_mask, generate_responses,
                    image_extras, load_image, load_tokenizer)
@@ -182,6 +183,15 @@ def test_sft_trains_lora_on_the_language_model_at_drawn_layers_and_its_loss_fall
     assert isinstance(merged, MllamaVLM)
     changed = {k.split(".")[0] for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
     assert changed == {"language_model"}
+
+
+def test_a_text_only_sft_row_is_refused_in_one_line_naming_its_file_and_line(world, tmp_path):
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"image": None, "prompt": "w5", "response": "w6"}) + "\n")
+    tok, cfg = load_tokenizer(world / "policy"), VLM.from_pretrained(world / "policy").config
+    with pytest.raises(InputError) as e:
+        sft.tokenize_examples(sft.read_sft_jsonl(str(tmp_path / "sft.jsonl")), tok, cfg, 256)
+    assert str(e.value) == (f"{tmp_path / 'sft.jsonl'}:1: a row without an image; expected an image with every row "
+                            "for a Llama 3.2 Vision model (text-only rows are for the llava family)")
 
 
 # ---------------------------------------------------------------------------- lppo.py

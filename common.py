@@ -1,7 +1,8 @@
 """
 The plumbing that the stage scripts share (nanochat's common.py): DDP setup and teardown, gradient averaging and FSDP2
-sharding, the precision context, named seeds, the learning-rate schedule, readers of JSON and JSONL input files, atomic writes, and result tables and plots.
-Only what two or more stages use lives here; a stage's own helpers live in that stage.
+sharding, the precision context, named seeds, the learning-rate schedule, readers of JSON and JSONL input files, atomic
+writes, and result tables and plots. Only what two or more stages use lives here; a stage's own helpers live in that
+stage.
 """
 
 import csv
@@ -48,7 +49,7 @@ def compute_init(device):
 
 def compute_cleanup():
     """Destroy the process group, if there is one, while the interpreter is still whole. main()'s frame is gone by
-    now; collecting the reference cycles of its modules (DDP's reducer holds the group) lets the group's gloo threads
+    now; collecting the reference cycles of its modules (FSDP2's state holds the group) lets the group's gloo threads
     be joined here. Left to the interpreter's exit, a thread still alive aborts the process (SIGABRT, "terminate
     called without an active exception") after the run has finished, and torchrun reports the rank as failed."""
     import gc

@@ -368,7 +368,7 @@ def main():
         step_idx = batch_indices(len(train), it, step_size * world_size, seed)
         idx = step_idx[mine]
         layers = draw_layers(image_layer, step_size * world_size, seed, it)[mine]
-        # the loss is a mean over every target token of the step on all ranks; DDP averages the ranks' gradients,
+        # the loss is a mean over every target token of the step on all ranks; the ranks' gradients are averaged,
         # so each rank's summed loss is scaled by world_size / (the step's targets on all ranks)
         n_target = count_targets([train[i] for i in step_idx]) / world_size
         loss_sum = 0.0

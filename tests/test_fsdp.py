@@ -8,6 +8,9 @@ tensor (float32's epsilon is 1.2e-7; the dozens of additions behind each entry l
 4 float32 ulps of the tensor's largest weight, the rounding of reading an update as a difference of two weights."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,12 +18,13 @@ import torch
 from PIL import Image
 
 import tiny
-from common import InputError, average_gradients, load_trained_state, shard_model, trained_state
+from common import InputError, average_gradients, shard_model, trained_state
 from lppo import ppo_update
 from model import VLM, add_lora, encode_batch, encode_images, load_image, load_tokenizer
 from ranks import run_ranks
+import sft as sft_stage
 from sft import collate, count_targets, sft_loss, target_positions, tokenize_examples
-from test_lppo import run_lppo
+from test_lppo import ROOT, run_lppo, world  # noqa: F401 (world: test_lppo's tiny L-PPO world, a fixture)
 from test_model_mllama import make_tiny_mllama, make_tokenizer
 
 FAMILIES = ("llava", "llava-next", "mllama")
@@ -81,7 +85,8 @@ def _steps(rank, world_size, folder, result_file, fsdp=True):
           "tokens": torch.randint(5, 100, (4, n), generator=g), "mask": torch.ones(4, n, dtype=torch.long),
           "old_logprobs": -torch.rand(4, n, generator=g) * 4, "old_values": torch.randn(4, n, generator=g),
           "advantages": torch.randn(4, n, generator=g), "returns": torch.randn(4, n, generator=g)}
-    ppo_update(vlm, opt, {k: v[rows] for k, v in ro.items()}, ppo_epochs=2, minibatch_size=4 // world_size, micro_batch_size=1, clip_eps=0.2, clip_eps_v=0.2,
+    ppo_update(vlm, opt, {k: v[rows] for k, v in ro.items()}, ppo_epochs=2, minibatch_size=4 // world_size,
+               micro_batch_size=1, clip_eps=0.2, clip_eps_v=0.2,
                vf_coef=0.1, grad_clip=0.5, temperature=0.7, generator=torch.Generator().manual_seed(0))
     out["lppo"], optimizer_state = trained_state(vlm, opt)
 
@@ -135,3 +140,75 @@ def test_two_fsdp_ranks_take_the_same_lppo_and_sft_steps_and_rollouts_as_one_pro
     # the optimizer state is gathered whole, keyed by parameter name
     assert one["optimizer"]["state"].keys() == two["optimizer"]["state"].keys()
     assert any("lora_B" in k for k in two["lppo"]) and "value_head.weight" in two["lppo"]
+
+
+# ---------------------------------------------------------------------------- the stages under torchrun, fsdp=True
+
+def test_an_interrupted_and_resumed_fsdp_run_of_lppo_equals_an_uninterrupted_one(world, tmp_path):
+    # two ranks each time: a checkpoint gathered from the shards, loaded and sharded again, continues the same run
+    full = run_lppo(world, tmp_path / "full", "--max_iters=2", "--fsdp=True", nproc=2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = run_lppo(world, tmp_path / "part", "--max_iters=1", "--fsdp=True", nproc=2)
+    rest = run_lppo(world, tmp_path / "part", "--max_iters=2", "--fsdp=True", "--resume", nproc=2)
+    assert part.returncode == rest.returncode == 0, rest.stderr[-3000:]
+    assert "resumed from" in rest.stdout and "2 rank(s)" in full.stdout
+    cf, cp = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "part"))
+    assert cp["iter_num"] == 2 and cf["trainable"].keys() == cp["trainable"].keys()
+    assert any("lora_B" in k for k in cf["trainable"]) and "value_head.weight" in cf["trainable"]
+    for k in cf["trainable"]:
+        assert torch.equal(cf["trainable"][k], cp["trainable"][k]), k
+    for k in cf["optimizer"]["state"]:
+        assert torch.equal(cf["optimizer"]["state"][k]["exp_avg"], cp["optimizer"]["state"][k]["exp_avg"]), k
+    # every statistic of both iterations (the part run also evaluated at its end, and the timings differ)
+    for a, b in zip(cf["history"], cp["history"], strict=True):
+        assert {k: v for k, v in a.items() if k in b and not k.startswith("t_") and k != "tok_per_s"} == \
+            {k: v for k, v in b.items() if k in a and not k.startswith("t_") and k != "tok_per_s"}
+    # the adapter files hold the whole gathered tensors, not rank 0's shards
+    from safetensors.torch import load_file
+    adapter = load_file(tmp_path / "full" / "adapter.safetensors")
+    for k in cf["trainable"]:
+        assert torch.equal(adapter[k], cf["trainable"][k]), k
+
+
+def test_sft_with_fsdp_on_two_ranks_takes_the_step_of_one_process(families, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"image": str(families / "images" / f"{i}.png"), "prompt": p, "response": r})
+                            + "\n" for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES))))
+    args = [f"--init_from={families / 'llava'}", f"--data={data}", "--max_iters=1", "--warmup_iters=0",
+            "--learning_rate=1e-2", "--grad_clip=1.0", "--device=cpu", "--dtype=float32", "--image_layer=[1, 2]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "sft.py", *args, "--batch_size=4", f"--out_dir={tmp_path / 'one'}"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+                          *args, "--batch_size=2", "--fsdp=True", f"--out_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # the step's gradient, read from AdamW's first moment (Adam's own update would magnify rounding, see test_sft)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["adapter"].keys() == b["adapter"].keys()
+    for k, state in a["optimizer"]["state"].items():
+        g = state["exp_avg"]
+        torch.testing.assert_close(b["optimizer"]["state"][k]["exp_avg"], g, rtol=0,
+                                   atol=REL_TOL * g.abs().max().item() + 1e-12, msg=lambda m: f"{k}: {m}")
+
+
+def test_what_fsdp_cannot_serve_is_refused_in_one_line(families, tmp_path, monkeypatch):
+    vlm = VLM.from_pretrained(families / "llava")
+    with pytest.raises(InputError, match=r"^fsdp=True shards the model over the ranks, but this run has 1; expected "
+                                         r"torchrun with --nproc_per_node of 2 or more \(or fsdp=False\)$"):
+        shard_model(vlm, True, 1, "cpu")
+    with pytest.raises(InputError, match=r"^fsdp=True with compile=True: .*; expected compile=False$"):
+        shard_model(vlm, True, 2, "cpu", compile=True, save_merged=False)
+    with pytest.raises(InputError, match=r"^fsdp=True with save_merged=True: merging the adapters"):
+        shard_model(vlm, True, 2, "cpu", compile=False, save_merged=True)
+    assert shard_model(vlm, False, 1, "cpu", compile=True) is vlm  # without fsdp, nothing to check or do
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(json.dumps({"image": None, "prompt": "w5", "response": "w6"}) + "\n")
+    for k, v in dict(init_from=str(families / "llava"), data=str(data), fsdp=True, device="cpu", dtype="float32",
+                     out_dir=str(tmp_path / "o")).items():
+        monkeypatch.setattr(sft_stage, k, v)
+    with pytest.raises(InputError, match=r"^fsdp=True with text-only rows in .*mixed.jsonl: a rank whose batch has no "
+                                         r"image would skip the image encoder's gather"):
+        sft_stage.main()

@@ -19,6 +19,9 @@ On a GPU (shape "7b"), random weights of the real shapes (nothing is downloaded)
    dynamic and its static cache), and the HBM roofline of a decode step.
 2. One L-PPO iteration with the settings of config/llava15_l5.py (batch_size overrides its batch size): 7B policy +
    GPT-2-large-shaped reward model, its time split (rollout / scoring / reference+values / update) and peak memory.
+   With --fsdp=True under torchrun on a machine with several GPUs, only this iteration, its policy sharded over the
+   ranks by FSDP2 as lppo.py's fsdp=True shards it, each rank rolling out batch_size rows; rank 0 reports it, with the
+   largest peak memory of any rank:  torchrun --standalone --nproc_per_node=8 bench.py --fsdp=True
 Families "llava_next" (llava-v1.6-vicuna-7b shapes: anyres crops of a 480x640 photo, 2,340 image tokens) and
 "mllama" (Llama-3.2-11B-Vision shapes: 4 tiles of 560 px) on the same footing: our logits against transformers'
 LlavaNextForConditionalGeneration / MllamaForConditionalGeneration on the same weights, and greedy generation speed
@@ -56,6 +59,7 @@ smol_path = "data/smol/smol-llava-base"
 repeats = 3                     # each timing is the best of this many runs
 precision = "bfloat16"          # of the weights on the GPU; float32 makes the logits comparison exact up to kernels
 parity_only = False             # stop after the logits comparison
+fsdp = False                    # shape "7b" under torchrun: the L-PPO iteration alone, the policy sharded by FSDP2
 family = "llava"                # shapes "7b"/"tiny": "llava" (LLaVA-1.5 and the L-PPO iteration), "llava_next", "mllama",
                                 # or "all" (each in turn)
 CHOICES = {"family": ("llava", "llava_next", "mllama", "all")}
@@ -63,6 +67,13 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 shape = shape or ("7b" if device == "cuda" else "smol")
+rank, world_size = 0, 1
+if fsdp:  # compute_init makes cuda:LOCAL_RANK each rank's "cuda"; a bad launch is shard_model's one-line error
+    from common import compute_init, shard_model
+    _, rank, _, world_size, _ = compute_init(device)
+    if family != "llava" or shape == "smol":
+        raise InputError(f"--fsdp=True benchmarks the L-PPO iteration of --family=llava at --shape=7b (or tiny); "
+                         f"got --family={family} --shape={shape}")
 batch_size = batch_size or (8 if shape == "smol" else 16)
 max_new_tokens = max_new_tokens or (64 if shape == "smol" else 128)
 dtype = getattr(torch, precision) if device == "cuda" else torch.float32
@@ -94,7 +105,8 @@ MACHINE = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_
 
 
 def report(**kw):
-    print(json.dumps({**kw, **MACHINE}), flush=True)
+    if rank == 0:
+        print(json.dumps({**kw, **MACHINE}), flush=True)
 
 
 def sync():
@@ -465,44 +477,48 @@ ids = torch.cat([ids[:, :6], torch.full((batch_size, cfg.image_seq_length), 3200
 mask = torch.ones_like(ids)
 pixels = torch.randn(batch_size, 3, 336, 336, generator=g).to(device, dtype)
 
-# 1a. logits parity (float32 parity on tiny checkpoints is also tested on CPU in tests/test_model.py)
-with torch.no_grad():
-    for layer in (image_layer, -2):
-        ours = vlm(ids[:2], pixel_values=pixels[:2], image_layer=layer).float()
-        ref = hf(input_ids=ids[:2], pixel_values=pixels[:2], vision_feature_layer=layer).logits.float()
-        report(what=f"logits_{str(dtype).removeprefix('torch.')}", image_layer=layer,
-               max_abs_diff=(ours - ref).abs().max().item(),
-               logit_scale=ref.abs().max().item(), argmax_agree=(ours.argmax(-1) == ref.argmax(-1)).float().mean().item())
+if not fsdp:  # under FSDP2 the L-PPO iteration alone: every rank would run transformers' whole model too
+    # 1a. logits parity (float32 parity on tiny checkpoints is also tested on CPU in tests/test_model.py)
+    with torch.no_grad():
+        for layer in (image_layer, -2):
+            ours = vlm(ids[:2], pixel_values=pixels[:2], image_layer=layer).float()
+            ref = hf(input_ids=ids[:2], pixel_values=pixels[:2], vision_feature_layer=layer).logits.float()
+            report(what=f"logits_{str(dtype).removeprefix('torch.')}", image_layer=layer,
+                   max_abs_diff=(ours - ref).abs().max().item(), logit_scale=ref.abs().max().item(),
+                   argmax_agree=(ours.argmax(-1) == ref.argmax(-1)).float().mean().item())
 
-if parity_only:
-    raise SystemExit
-# 1b. greedy generation, no early stop: ours (static KV cache) vs transformers' generate, with its default dynamic
-# cache and with its static one (which transformers compiles on the first call of a shape: it warms up at full length)
-hf_greedy = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, vision_feature_layer=image_layer,
-                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                 pad_token_id=32001)
-with torch.no_grad():
-    vlm.generate(ids, mask, pixel_values=pixels, image_layer=image_layer, max_new_tokens=4)  # warm-up
-    (ours_tok, _), t_ours = timed(lambda: vlm.generate(ids, mask, pixel_values=pixels, image_layer=image_layer,
-                                                       max_new_tokens=max_new_tokens))
-    hf.generate(**{**hf_greedy, "max_new_tokens": 4, "min_new_tokens": 4})
-    ref_tok, t_hf = timed(lambda: hf.generate(**hf_greedy))
-    hf.generate(**hf_greedy, cache_implementation="static")
-    static_tok, t_static = timed(lambda: hf.generate(**hf_greedy, cache_implementation="static"))
-ref_tok, static_tok = ref_tok[:, ids.shape[1]:], static_tok[:, ids.shape[1]:]
-n = min(ours_tok.shape[1], ref_tok.shape[1])
-report(what="generate", batch=batch_size, prompt_len=ids.shape[1], new_tokens=max_new_tokens,
-       ours_s=t_ours, ours_tok_per_s=batch_size * max_new_tokens / t_ours,
-       transformers_s=t_hf, transformers_tok_per_s=batch_size * max_new_tokens / t_hf,
-       transformers_static_s=t_static, transformers_static_tok_per_s=batch_size * max_new_tokens / t_static,
-       speedup=t_hf / t_ours, speedup_vs_static=t_static / t_ours,
-       same_tokens_frac=(ours_tok[:, :n] == ref_tok[:, :n]).float().mean().item(),
-       same_tokens_frac_static=(ours_tok[:, :n] == static_tok[:, :n]).float().mean().item())
-report_roofline(vlm, batch_size, ids.shape[1] + max_new_tokens // 2, batch_size * max_new_tokens / t_ours,
-                *machine_speed())
-del hf, ref_tok, static_tok
-if device == "cuda":
-    torch.cuda.empty_cache()
+    if parity_only:
+        raise SystemExit
+    # 1b. greedy generation, no early stop: ours (static KV cache) vs transformers' generate, with its default
+    # dynamic cache and with its static one (which transformers compiles on the first call of a shape: it warms up at
+    # full length)
+    hf_greedy = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, vision_feature_layer=image_layer,
+                     max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                     pad_token_id=32001)
+    with torch.no_grad():
+        vlm.generate(ids, mask, pixel_values=pixels, image_layer=image_layer, max_new_tokens=4)  # warm-up
+        (ours_tok, _), t_ours = timed(lambda: vlm.generate(ids, mask, pixel_values=pixels, image_layer=image_layer,
+                                                           max_new_tokens=max_new_tokens))
+        hf.generate(**{**hf_greedy, "max_new_tokens": 4, "min_new_tokens": 4})
+        ref_tok, t_hf = timed(lambda: hf.generate(**hf_greedy))
+        hf.generate(**hf_greedy, cache_implementation="static")
+        static_tok, t_static = timed(lambda: hf.generate(**hf_greedy, cache_implementation="static"))
+    ref_tok, static_tok = ref_tok[:, ids.shape[1]:], static_tok[:, ids.shape[1]:]
+    n = min(ours_tok.shape[1], ref_tok.shape[1])
+    report(what="generate", batch=batch_size, prompt_len=ids.shape[1], new_tokens=max_new_tokens,
+           ours_s=t_ours, ours_tok_per_s=batch_size * max_new_tokens / t_ours,
+           transformers_s=t_hf, transformers_tok_per_s=batch_size * max_new_tokens / t_hf,
+           transformers_static_s=t_static, transformers_static_tok_per_s=batch_size * max_new_tokens / t_static,
+           speedup=t_hf / t_ours, speedup_vs_static=t_static / t_ours,
+           same_tokens_frac=(ours_tok[:, :n] == ref_tok[:, :n]).float().mean().item(),
+           same_tokens_frac_static=(ours_tok[:, :n] == static_tok[:, :n]).float().mean().item())
+    report_roofline(vlm, batch_size, ids.shape[1] + max_new_tokens // 2, batch_size * max_new_tokens / t_ours,
+                    *machine_speed())
+    del hf, ref_tok, static_tok
+    if device == "cuda":
+        torch.cuda.empty_cache()
+else:
+    del hf
 
 # -----------------------------------------------------------------------------
 # 2. one L-PPO iteration with config/llava15_l5.py's settings
@@ -521,6 +537,8 @@ with torch.no_grad():
 vlm.add_value_head()
 torch.manual_seed(seed)
 add_lora(vlm, targets=settings["lora_targets"], r=settings["lora_r"], alpha=settings["lora_alpha"])
+if fsdp:
+    shard_model(vlm, True, world_size, device)
 params = [p for p in vlm.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=settings["learning_rate"], eps=1e-5, fused=device == "cuda")
 ctx = torch.amp.autocast(device, dtype=dtype, enabled=device == "cuda")
@@ -546,7 +564,13 @@ _, t_update = timed(lambda: ppo_update(vlm, opt, ro, ppo_epochs=settings["ppo_ep
                                        micro_batch_size=micro, clip_eps=0.2, clip_eps_v=0.2, vf_coef=0.1, grad_clip=1.0,
                                        temperature=settings["temperature"],
                                        generator=torch.Generator().manual_seed(seed), ctx=ctx))
-report(what="lppo_iteration", config="config/llava15_l5.py", rollouts=B, new_tokens=tokens.shape[1],
-       seq_len=ids.shape[1] + tokens.shape[1], ppo_epochs=settings["ppo_epochs"], rollout_s=t_roll, score_s=t_score,
-       ref_and_values_s=t_ref, update_s=t_update, total_s=time.perf_counter() - t0,
-       peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+peak = torch.tensor(float(torch.cuda.max_memory_allocated() if device == "cuda" else 0), device=device)
+if fsdp:
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)  # the rank that needs the most
+report(what="lppo_iteration", config="config/llava15_l5.py", rollouts=B * world_size, ranks=world_size,
+       sharding="FSDP2" if fsdp else None, new_tokens=tokens.shape[1], seq_len=ids.shape[1] + tokens.shape[1],
+       ppo_epochs=settings["ppo_epochs"], rollout_s=t_roll, score_s=t_score, ref_and_values_s=t_ref,
+       update_s=t_update, total_s=time.perf_counter() - t0,
+       peak_mem_gb=peak.item() / 2**30 if device == "cuda" else None)
+if fsdp:
+    torch.distributed.destroy_process_group()

@@ -1,10 +1,12 @@
 """
-The plumbing that the stage scripts share (nanochat's common.py): DDP setup and teardown, the precision context, named
-seeds, the learning-rate schedule, readers of JSON and JSONL input files, atomic writes, and result tables and plots.
-Only what two or more stages use lives here; a stage's own helpers live in that stage.
+The plumbing that the stage scripts share (nanochat's common.py): DDP setup and teardown, gradient averaging and FSDP2
+sharding, the precision context, named seeds, the learning-rate schedule, readers of JSON and JSONL input files, atomic
+writes, and result tables and plots. Only what two or more stages use lives here; a stage's own helpers live in that
+stage.
 """
 
 import csv
+import functools
 import gzip
 import hashlib
 import json
@@ -47,7 +49,7 @@ def compute_init(device):
 
 def compute_cleanup():
     """Destroy the process group, if there is one, while the interpreter is still whole. main()'s frame is gone by
-    now; collecting the reference cycles of its modules (DDP's reducer holds the group) lets the group's gloo threads
+    now; collecting the reference cycles of its modules (FSDP2's state holds the group) lets the group's gloo threads
     be joined here. Left to the interpreter's exit, a thread still alive aborts the process (SIGABRT, "terminate
     called without an active exception") after the run has finished, and torchrun reports the rank as failed."""
     import gc
@@ -67,6 +69,113 @@ def run_stage(main):
         sys.exit(f"error: {e}")
     finally:
         compute_cleanup()
+
+
+# -----------------------------------------------------------------------------
+# Several ranks, one idiom in every stage: each rank runs forward and backward on its share of the batch, then
+# average_gradients leaves the mean gradient on every rank (what DDP computes, in one all-reduce after the last
+# micro-batch), so every rank takes the same step. With fsdp = True, FSDP2 (torch's fully_shard) shards the weights
+# over the ranks instead, and its backward pass averages the gradients into the shards itself (docs/fsdp.md).
+
+FSDP_REFUSES = {  # settings that need what sharding takes away
+    "compile": "the compiled decode step and training forward are built for whole weights, not sharded ones",
+    "save_merged": "merging the adapters into the weights needs every weight whole on one rank",
+    "merge_at_end": "merging the adapters into the weights needs every weight whole on one rank",
+}
+
+
+def average_gradients(params):
+    """Replace each rank's gradients of `params` by their mean over the ranks. Nothing to do in one process, nor for a
+    parameter that FSDP2 shards (a DTensor): its backward pass averaged the gradient already."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = [p for p in params if not isinstance(p, DTensor)]
+    for p in params:
+        if p.grad is None:  # no gradient on this rank (a module its batch did not use): it still joins the mean
+            p.grad = torch.zeros_like(p)
+    for dtype in dict.fromkeys(p.grad.dtype for p in params):  # in the same order on every rank
+        grads = [p.grad for p in params if p.grad.dtype == dtype]
+        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce, not one per tensor
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(mean.view_as(g))
+
+
+def shard_model(vlm, fsdp, world_size, device, **settings):
+    """With fsdp, shard `vlm` in place with FSDP2 over the ranks: one unit per decoder layer, one for the image encoder
+    (ICET's early exit runs a different number of its blocks on each rank, so it gathers as a whole), and the root
+    for the rest (embeddings, projector, lm_head, value head). Call it after add_lora and before making the optimizer,
+    which must see the sharded parameters. `settings` are the stage's, checked against FSDP_REFUSES."""
+    if not fsdp:
+        return vlm
+    if world_size < 2:
+        raise InputError(f"fsdp=True shards the model over the ranks, but this run has {world_size}; expected torchrun "
+                         "with --nproc_per_node of 2 or more (or fsdp=False)")
+    for key, value in settings.items():
+        if value:
+            raise InputError(f"fsdp=True with {key}={value!r}: {FSDP_REFUSES[key]}; expected {key}=False")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    mesh = init_device_mesh(device.split(":")[0], (world_size,))
+    # mllama's cross-attention computes the image's keys and values (kv) once, outside its layer's forward
+    cross = [m for m in vlm.modules() if callable(getattr(type(m), "kv", None))]
+    vision = vlm.vision_model if hasattr(vlm, "vision_model") else vlm.vision_tower
+    for unit in [*cross, vision, *vlm.language_model.layers, vlm]:  # inner units first, the root last
+        fully_shard(unit, mesh=mesh)
+    for m in cross:
+        register_fsdp_forward_method(m, "kv")
+    # the root's weights are gathered by these entry points too, and kept until the backward pass (FSDP2's root
+    # heuristic), so response_logits and the value head may read them after hidden_states returns
+    for name in ("hidden_states", "generate"):
+        register_fsdp_forward_method(vlm, name)
+    # the ranks decode in lockstep, each step gathering every layer with the others: no rank may stop before the
+    # rest, so generate never asks whether its rows have ended (it still cuts the tokens drawn after they all did)
+    vlm.generate = functools.partial(vlm.generate, check_every=math.inf)
+    return vlm
+
+
+def trained_state(model, optimizer):
+    """(weights, optimizer state) of the parameters that train, as full CPU tensors keyed by parameter name: gathered
+    from the shards to rank 0 under FSDP2 (other ranks get empty dicts), so every rank must call it. A checkpoint in
+    this form resumes under DDP or FSDP2 and on any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    from torch.utils._pytree import tree_map
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    # copies: in one process on the CPU these would be the live tensors, which the next step changes
+    return tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, state)
+
+
+def load_trained_state(model, optimizer, weights, optimizer_state):
+    """Load trained_state's output (read on every rank) into the model and optimizer, sharding it under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, strict=False)  # only the trained parameters are in `weights`
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+@contextmanager
+def whole_trained_weights(model, weights):
+    """While inside, the trained parameters of an FSDP2 model are the whole tensors `weights` (trained_state's, on
+    rank 0) instead of this rank's shards, so that adapter files are written from them; the shards come back after."""
+    from torch.distributed.tensor import DTensor
+    swapped = []
+    for name, p in list(model.named_parameters()):
+        if isinstance(p, DTensor) and name in weights:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            swapped.append((module, attr, p))
+            module._parameters[attr] = torch.nn.Parameter(weights[name].to(p.device), requires_grad=False)
+    try:
+        yield model
+    finally:
+        for module, attr, p in swapped:
+            module._parameters[attr] = p
 
 
 def autocast(device, dtype):

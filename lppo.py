@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (DEVICE, DTYPE, InputError, atomic_torch_save, atomic_write_json, autocast, check_writable_dir,
-                    compute_init, generator_for, load_resume_checkpoint, read_prompt_jsonl, run_stage, seed_for,
-                    strict_compile)
+from common import (DEVICE, DTYPE, InputError, atomic_torch_save, atomic_write_json, autocast, average_gradients,
+                    check_writable_dir, compute_init, generator_for, load_resume_checkpoint, load_trained_state,
+                    read_prompt_jsonl, run_stage, seed_for, shard_model, strict_compile, trained_state,
+                    whole_trained_weights)
 from model import (VLM, add_lora, compile_rollouts, encode_batch, extend_per_token, first_eos_mask, generate_responses,
                    image_extras, load_image, load_tokenizer, lora_disabled, merge_lora, open_images, prompt_room,
                    response_heads, save_lora, save_peft_adapter)
@@ -180,7 +181,7 @@ def score_rollout(vlm, ro, temperature, micro_batch_size, ctx=None, forward=resp
 
 def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_size, clip_eps, clip_eps_v, vf_coef,
                grad_clip, temperature, generator, ctx=None, forward=response_forward):
-    """K epochs of clipped PPO over shuffled minibatches of rollout ro (Eq. 7-9); gradients averaged over DDP ranks.
+    """K epochs of clipped PPO over shuffled minibatches of rollout ro (Eq. 7-9); gradients averaged over the ranks.
 
     Returns {statistic: [one 0-dim tensor per micro-batch]}. A NaN/inf loss on any rank raises FloatingPointError on
     every rank, before an optimizer step is taken with it."""
@@ -201,10 +202,9 @@ def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_si
                                                           clip_eps_v)
                 # Eq. 9: L = L_policy + c1 L_value, averaged over the minibatch
                 loss = (pg_loss + vf_coef * vf_loss) * len(mb["tokens"]) / minibatch_size
-                if not torch.isfinite(loss):
+                if not torch.isfinite(loss):  # the step below is refused on every rank
                     bad = bad or f"loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()})"
-                    continue  # not backpropagated; the step below is refused on every rank
-                loss.backward()
+                loss.backward()  # a non-finite loss too: under FSDP2 every rank joins every backward's collectives
                 for k, v in {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "vf_clipfrac": vf_clipfrac,
                              "entropy": masked_mean(entropy, mb["mask"]), **pg_stats}.items():
                     stats.setdefault(k, []).append(v)
@@ -213,9 +213,7 @@ def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_si
                 dist.all_reduce(n_bad)
             if n_bad.item():
                 raise FloatingPointError(bad or f"a non-finite loss on {int(n_bad.item())} other rank(s)")
-            for p in params if world_size > 1 else []:  # the mean gradient: every rank takes the same step
-                dist.all_reduce(p.grad)
-                p.grad /= world_size
+            average_gradients(params)  # the mean gradient: every rank takes the same step
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
@@ -280,6 +278,7 @@ checkpoint_interval = 4
 device = DEVICE                             # "cuda" when there is a GPU
 dtype = DTYPE                               # "bfloat16" where supported, else "float32"
 compile = False                             # compiled decode step and training forward (see model.py: torch.compile)
+fsdp = False                                # shard the policy over the ranks with FSDP2 (docs/fsdp.md); else DDP
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
@@ -347,6 +346,7 @@ def main():
                                  max(max_new_tokens, eval_max_new_tokens))
     vlm.add_value_head()
     add_lora(vlm, targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+    shard_model(vlm, fsdp, world_size, dev, compile=compile, save_merged=save_merged)
     vlm.eval()  # no dropout anywhere: rollout, reference and update must score tokens identically
     params = [p for p in vlm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, eps=1e-5,
@@ -366,11 +366,7 @@ def main():
     iter_num, history, score_stats = 0, [], []
     if resume:
         ckpt = load_resume_checkpoint(ckpt_path, config, [k for k in config if k not in RESUME_MAY_CHANGE], dev)
-        with torch.no_grad():
-            own = vlm.state_dict()
-            for k, v in ckpt["trainable"].items():
-                own[k].copy_(v)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_trained_state(vlm, optimizer, ckpt["trainable"], ckpt["optimizer"])
         kl_ctl.value, iter_num, history = ckpt["kl_coef"], ckpt["iter_num"], ckpt["history"]
         score_stats = ckpt["score_stats"]
         print0(f"resumed from {ckpt_path} at iteration {iter_num}")
@@ -393,7 +389,7 @@ def main():
     # the L-PPO loop
     eos_id, pad_id = tok.eos_token_id, vlm.config.pad_token_id
     bar = tqdm(total=max_iters, initial=iter_num, disable=not master, desc="L-PPO", dynamic_ncols=True)
-    if iter_num == 0 and master:
+    if iter_num == 0 and (master or fsdp):  # under FSDP2 every rank takes part in generation
         history.append({"iter": 0, **evaluate_now()})
         bar.write(json.dumps(history[-1]))
     while iter_num < max_iters:
@@ -465,24 +461,27 @@ def main():
         iter_num += 1
         bar.update(1)
         bar.set_postfix(score=f"{log['score']:.3f}", kl=f"{log['kl']:.3f}", clip=f"{log['clipfrac']:.2f}")
-        if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
+        if (master or fsdp) and (iter_num % eval_interval == 0 or iter_num == max_iters):
             log.update(evaluate_now())
         history.append({"iter": iter_num, **{k: round(v, 5) for k, v in log.items()}})
         if master:
             bar.write(json.dumps(history[-1]))
-        if master and (iter_num % checkpoint_interval == 0 or iter_num == max_iters):
-            trainable = {k: v.detach().cpu() for k, v in vlm.state_dict().items() if ".lora_" in k or "value_head" in k}
-            atomic_torch_save({"trainable": trainable, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                               "iter_num": iter_num, "history": history, "config": config, "score_stats": score_stats},
-                              ckpt_path)
+        if iter_num % checkpoint_interval == 0 or iter_num == max_iters:
+            trainable, optimizer_state = trained_state(vlm, optimizer)  # every rank: FSDP2 gathers to rank 0
+            if master:
+                atomic_torch_save({"trainable": trainable, "optimizer": optimizer_state, "kl_coef": kl_ctl.value,
+                                   "iter_num": iter_num, "history": history, "config": config,
+                                   "score_stats": score_stats}, ckpt_path)
         barrier()  # no rank runs ahead of the checkpoint
     bar.close()
 
     # -------------------------------------------------------------------------
     # the final policy: our adapter file, a PEFT adapter folder, optionally a merged llava-hf checkpoint
+    trainable, _ = trained_state(vlm, optimizer)  # every rank: FSDP2 gathers them to rank 0
     if master:
-        save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))
-        save_peft_adapter(vlm, os.path.join(out_dir, "peft"), base_model=init_from)
+        with whole_trained_weights(vlm, trainable):  # under FSDP2, the adapters whole instead of rank 0's shards
+            save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))
+            save_peft_adapter(vlm, os.path.join(out_dir, "peft"), base_model=init_from)
         atomic_write_json({"config": config, "history": history}, os.path.join(out_dir, "history.json"))
         if save_merged:
             merge_lora(vlm)
@@ -490,7 +489,6 @@ def main():
             vlm.save_pretrained(os.path.join(out_dir, "merged"))
             tok.save_pretrained(os.path.join(out_dir, "merged"))
         print(f"saved {out_dir}/adapter.safetensors, {out_dir}/peft/" + (", merged/" if save_merged else ""))
-
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())

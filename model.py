@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.distributed.tensor import DTensor
 
 from common import InputError, atomic_folder, atomic_save_safetensors, read_json
 
@@ -2052,8 +2053,9 @@ def packed_copy(weights, rows):
 
 def use_onednn(x):
     """Whether `linear` takes the oneDNN path for input x: float32 on a CPU whose PyTorch has oneDNN, outside
-    torch.compile (which picks its own kernels)."""
-    return ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+    torch.compile (which picks its own kernels); never for an FSDP2 shard (a DTensor), which packed_weights skips."""
+    return ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling() \
+        and not isinstance(x, DTensor)
 
 
 @contextmanager

@@ -25,11 +25,10 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (DEVICE, DTYPE, InputError, atomic_folder, atomic_save_safetensors, autocast, check_writable_dir,
-                    compute_init, get_lr, read_json, read_jsonl, run_stage, strict_compile)
+from common import (DEVICE, DTYPE, InputError, atomic_folder, atomic_save_safetensors, autocast, average_gradients,
+                    check_writable_dir, compute_init, get_lr, read_json, read_jsonl, run_stage, strict_compile)
 from model import (LENGTH_BUCKET, VLM, LlamaModel, LoRALinear, VLMConfig, add_lora, build_mask, config_from_hf,
                    config_to_hf, load_tokenizer, load_weights, pick_config, resolve_checkpoint, rope_inv_freq, round_up,
                    speed_up)
@@ -562,8 +561,6 @@ def main():
     if compile:
         strict_compile()
     model = torch.compile(rm, fullgraph=True, dynamic=False) if compile else rm
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
     pad_id = 0 if rm.pad_token_id is None else rm.pad_token_id
 
     def held_out():
@@ -621,14 +618,13 @@ def main():
             mine = batch[start:start + batch_size]
             ids, mask = right_pad([train[i][0] for i in mine] + [train[i][1] for i in mine], pad_id, dev,
                                   LENGTH_BUCKET if compile else 1)
-            if ddp:  # average gradients across ranks only on the last micro step
-                model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             with ctx:
                 scores = model(ids, mask)
                 loss, accuracy = bradley_terry_loss(scores[:len(mine)], scores[len(mine):])  # Eq. 4
             (loss / gradient_accumulation_steps).backward()
-        # DDP left the same gradients on every rank, and the loss is reduced too: a divergence stops every rank here,
-        # before the step, so the reward model last saved in out_dir stays the last finite one
+        # the mean gradient over the ranks, the same on every rank, and the loss is reduced too: a divergence stops
+        # every rank here, before the step, so the reward model last saved in out_dir stays the last finite one
+        average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
         loss_now = loss.detach().clone()
         if ddp:

@@ -18,12 +18,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (DEVICE, DTYPE, InputError, atomic_torch_save, autocast, check_writable_dir, compute_init,
-                    copy_tokenizer_files, generator_for, get_lr, load_resume_checkpoint, read_jsonl, run_stage,
-                    seed_for, strict_compile)
+from common import (DEVICE, DTYPE, InputError, atomic_torch_save, autocast, average_gradients, check_writable_dir,
+                    compute_init, copy_tokenizer_files, generator_for, get_lr, load_resume_checkpoint,
+                    load_trained_state, read_jsonl, run_stage, seed_for, shard_model, strict_compile,
+                    trained_state, whole_trained_weights)
 from model import (LENGTH_BUCKET, VLM, add_lora, encode_images, encode_prompt, example_image_tokens, fit_prompt,
                    image_tokens_vary, load_image, load_tokenizer, merge_lora, resolve_checkpoint, round_up, save_lora)
 
@@ -218,6 +218,7 @@ seed = 1337
 device = DEVICE                             # "cuda" when there is a GPU
 dtype = DTYPE                               # "bfloat16" where supported, else "float32"
 compile = False  # torch.compile the training forward, lengths padded to buckets (see model.py: torch.compile)
+fsdp = False  # shard the model over the ranks with FSDP2 (docs/fsdp.md); else every rank holds all of it
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and not k.isupper()
                and isinstance(v, (int, float, bool, str, list, type(None)))]
 # what the configurator checks before any work is done
@@ -260,13 +261,17 @@ def main():
     if compile and any(r["image"] is None for r in rows):
         raise InputError(f"compile=True with text-only rows in {data}: a batch's number of images would change its "
                          "shapes, so it would compile anew; expected compile=False")
+    if fsdp and any(r["image"] is None for r in rows):
+        raise InputError(f"fsdp=True with text-only rows in {data}: a rank whose batch has no image would skip the "
+                         "image encoder's gather that the other ranks wait in; expected an image in every row")
     train = tokenize_examples(rows, tok, cfg, cfg.text.max_position_embeddings)
     val = tokenize_examples(val_rows, tok, cfg, cfg.text.max_position_embeddings)
     torch.manual_seed(seed)  # the same LoRA initialisation in every process
     add_lora(vlm, lora_targets, lora_r, lora_alpha, lora_dropout)
     if train_projector:
         vlm.multi_modal_projector.requires_grad_(True)
-    trainable = [name for name, p in vlm.named_parameters() if p.requires_grad]
+    text_rms = vlm.language_model.embed_tokens.weight.detach().float().pow(2).mean(-1).sqrt().mean()
+    shard_model(vlm, fsdp, world_size, dev, compile=compile, merge_at_end=merge_at_end)
     params = [p for p in vlm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), weight_decay=weight_decay)
 
@@ -274,10 +279,7 @@ def main():
     iter_num = 0
     if resume:
         ckpt = load_resume_checkpoint(ckpt_path, config, RESUME_MUST_MATCH, dev)
-        own = vlm.state_dict()
-        for k, v in ckpt["adapter"].items():
-            own[k].copy_(v)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_trained_state(vlm, optimizer, ckpt["adapter"], ckpt["optimizer"])
         iter_num = ckpt["iter_num"]
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
@@ -294,10 +296,7 @@ def main():
     # a model with an unpadded forward skips collate's right padding (FastVLM.unpadded_logits: the same loss, no work
     # for the padding); others (mllama's decoder) and a sliding window (Mistral) take the padded forward
     skip_padding = {"unpadded": True} if hasattr(vlm, "unpadded_logits") and cfg.text.sliding_window is None else {}
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if dev.startswith("cuda") else None)
 
-    text_rms = vlm.language_model.embed_tokens.weight.detach().float().pow(2).mean(-1).sqrt().mean()
     projected = []  # the projector's outputs of the forward pass at hand, kept by a hook for the scale bound
     if projector_rms_ratio:
         vlm.multi_modal_projector.register_forward_hook(lambda module, args, out: projected.append(out))
@@ -343,11 +342,12 @@ def main():
         return total
 
     def save_checkpoint(it):
-        save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))  # what the later stages load (--adapter=...)
-        own = vlm.state_dict()
-        ckpt = {"adapter": {k: own[k].detach().cpu() for k in trainable},
-                "optimizer": optimizer.state_dict(), "iter_num": it, "config": config}
-        atomic_torch_save(ckpt, ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
+        weights, optimizer_state = trained_state(vlm, optimizer)  # every rank: FSDP2 gathers them to rank 0
+        if master:
+            with whole_trained_weights(vlm, weights):  # what the later stages load (--adapter=...)
+                save_lora(vlm, os.path.join(out_dir, "adapter.safetensors"))
+            ckpt = {"adapter": weights, "optimizer": optimizer_state, "iter_num": it, "config": config}
+            atomic_torch_save(ckpt, ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
 
     step_size = batch_size * gradient_accumulation_steps  # examples per process per step
     decay_iters = lr_decay_iters or max_iters
@@ -364,20 +364,19 @@ def main():
         step_idx = batch_indices(len(train), it, step_size * world_size, seed)
         idx = step_idx[mine]
         layers = draw_layers(image_layer, step_size * world_size, seed, it)[mine]
-        # the loss is a mean over every target token of the step on all ranks; DDP averages the ranks' gradients,
+        # the loss is a mean over every target token of the step on all ranks; the ranks' gradients are averaged,
         # so each rank's summed loss is scaled by world_size / (the step's targets on all ranks)
         n_target = count_targets([train[i] for i in step_idx]) / world_size
         loss_sum = 0.0
         for micro in range(gradient_accumulation_steps):
             s = slice(micro * batch_size, (micro + 1) * batch_size)
-            if ddp:  # all-reduce the gradients once, after the last micro-batch
-                model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             loss, n_tok = forward_loss(model, [train[i] for i in idx[s]], layers[s], n_target)
             loss.backward()
             loss_sum += loss.item()
             tokens += n_tok * world_size
-        # the gradients are the same on every rank after DDP's all-reduce, and so is the reduced loss: a divergence
+        # the gradients are the same on every rank after this all-reduce, and so is the reduced loss: a divergence
         # stops every rank here, before the step and before any checkpoint could be overwritten
+        average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
         if ddp:
             loss_t = torch.tensor(loss_sum, device=dev)
@@ -395,11 +394,11 @@ def main():
             pbar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:.0f}")
             tqdm.write(f"iter {it + 1}: loss {loss_sum:.4f}, lr {lr:.2e}, {tok_s:.0f} tokens/s")
             t0, tokens = time.time(), 0
-        if master and ((it + 1) % eval_interval == 0 or it + 1 == max_iters):
-            if val:
-                tqdm.write(f"iter {it + 1}: val loss {val_loss():.4f}")
+        if (master or fsdp) and ((it + 1) % eval_interval == 0 or it + 1 == max_iters):  # FSDP2: every rank joins
+            val_text = f"iter {it + 1}: val loss {val_loss():.4f}\n" if val else ""
             save_checkpoint(it + 1)
-            tqdm.write(f"iter {it + 1}: saved {ckpt_path} and adapter.safetensors")
+            if master:
+                tqdm.write(f"{val_text}iter {it + 1}: saved {ckpt_path} and adapter.safetensors")
     pbar.close()
 
     if master and merge_at_end:

@@ -20,11 +20,11 @@ from PIL import Image
 import tiny
 from common import InputError, average_gradients, shard_model, trained_state
 from lppo import ppo_update
-from model import VLM, add_lora, encode_batch, encode_images, load_image, load_tokenizer
+from model import VLM, encode_batch, encode_images, load_image, load_tokenizer
 from ranks import run_ranks
 import sft as sft_stage
 from sft import collate, count_targets, sft_loss, target_positions, tokenize_examples
-from test_lppo import ROOT, run_lppo, world  # noqa: F401 (world: test_lppo's tiny L-PPO world, a fixture)
+from test_lppo import ROOT, lora_policy, run_lppo, world  # noqa: F401 (world: test_lppo's tiny L-PPO world, a fixture)
 from test_model_mllama import make_tiny_mllama, make_tokenizer
 
 FAMILIES = ("llava", "llava-next", "mllama")
@@ -56,14 +56,7 @@ def _steps(rank, world_size, folder, result_file, fsdp=True):
     images = [load_image(f"{folder}/../images/{i}.png") for i in range(4)]
     rows = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
     tok = load_tokenizer(folder)
-    torch.manual_seed(0)
-    vlm = VLM.from_pretrained(folder)
-    vlm.add_value_head()
-    add_lora(vlm, targets=("q_proj", "v_proj"), r=4, alpha=8)
-    with torch.no_grad():
-        for p in vlm.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.05)
+    vlm = lora_policy(folder)
     if fsdp:
         shard_model(vlm, True, world_size, "cpu")
     params = [p for p in vlm.parameters() if p.requires_grad]

@@ -221,8 +221,9 @@ def test_resume_refuses_a_changed_setting(world, tmp_path):
 
 # ---------------------------------------------------------------------------- one update, one rank vs two
 
-def _update(rank, world_size, folder, result_file, nan_on_rank=None):
-    """One ppo_update on this rank's half of a fixed rollout (or on all of it with one rank)."""
+def lora_policy(folder):
+    """The tiny policy with a value head and LoRA on q and v, every trained weight drawn at random (seed 0): adapters
+    that are not zero, so that a step changes what the policy computes."""
     torch.manual_seed(0)
     vlm = VLM.from_pretrained(folder)
     vlm.add_value_head()
@@ -231,6 +232,12 @@ def _update(rank, world_size, folder, result_file, nan_on_rank=None):
         for p in vlm.parameters():
             if p.requires_grad:
                 p.normal_(std=0.05)
+    return vlm
+
+
+def _update(rank, world_size, folder, result_file, nan_on_rank=None):
+    """One ppo_update on this rank's half of a fixed rollout (or on all of it with one rank)."""
+    vlm = lora_policy(folder)
     params = [p for p in vlm.parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in vlm.named_parameters() if p.requires_grad}
     g = torch.Generator().manual_seed(1)

@@ -1,6 +1,10 @@
 """
 Benchmarks: our model.py against transformers (and peft), on the machine at hand, one JSON line per measurement.
-Every line names the machine (CPU model, cores, threads, GPU) and the versions of torch, transformers and peft.
+Every line names the machine (CPU model, the vector instructions its kernels run on, cores, threads, GPU) and the
+versions of torch, transformers and peft. To time an AVX2 machine's kernels on an AVX-512 one, cap all three libraries:
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=1 python bench.py
+(the instructions only: a core that runs AVX-512 as two 256-bit halves, as AMD's Zen 4 does, runs AVX2 code about as
+fast, so this does not reproduce an older AVX2-only core such as Zen 3).
 
 On a CPU (shape "smol"): the smol world's base model, data/smol/smol-llava-base (SmolLM2-135M + a small CLIP):
 1. greedy decoding, ours (static KV cache) vs transformers' generate, at batch 1 and at batch_size, and the
@@ -91,15 +95,27 @@ def package_version(name):
 
 
 def cpu_name():
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them (a bare "AMD EPYC" may be
+    a Zen 3 or a Zen 4 core)."""
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        if "model name" in info:
+            return f"{info['model name']} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
     return platform.processor() or platform.machine()
 
 
-MACHINE = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+def isa():
+    """The vector instructions the CPU kernels run on: ATen's choice (ATEN_CPU_CAPABILITY may lower it), and the caps
+    that oneDNN (ONEDNN_MAX_CPU_ISA) and MKL (MKL_ENABLE_INSTRUCTIONS) were given, if any."""
+    caps = {"aten": torch.backends.cpu.get_cpu_capability()}
+    caps.update({name: os.environ[var] for name, var in (("onednn_max", "ONEDNN_MAX_CPU_ISA"),
+                                                         ("mkl", "MKL_ENABLE_INSTRUCTIONS")) if var in os.environ})
+    return caps
+
+
+MACHINE = {"cpu": cpu_name(), "isa": isa(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
            "transformers": package_version("transformers"), "peft": package_version("peft")}
 

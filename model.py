@@ -2118,8 +2118,10 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
-    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy inside packed_weights."""
-    if not use_onednn(x):
+    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy inside packed_weights. One row (a decode
+    step at batch 1) on one thread stays on MKL: there oneDNN's unpacked matmul is the slower, by about 10% over a
+    decode (bench.py's batch-1 line, AVX-512 and AVX2 alike); on two threads or more oneDNN's is the faster."""
+    if not use_onednn(x) or (x.numel() == x.shape[-1] and torch.get_num_threads() == 1):
         return F.linear(x, weight, bias)
     if id(weight) in ACTIVE and not torch.is_grad_enabled():
         return torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(weight)], bias, "none", [], "")

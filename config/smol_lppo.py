@@ -7,7 +7,7 @@ reward_model = "out/smol-rm"
 prompt_files = ["data/smol/harmful_train.jsonl"] * 7 + ["data/smol/benign_train.jsonl"] * 4
 eval_harmful = "data/smol/harmful_val.jsonl"  # refusal at the trained and the default layer (-2 = 11), every eval
 eval_benign = "data/smol/benign_val.jsonl"  # over-refusal at the default layer
-eval_vqa = "data/smol/vqa/vqa_test.jsonl"  # smol-VQA accuracy at the trained and the default layer (data/smol/vqa.py)
+eval_vqa = "data/smol/vqa/vqa_val.jsonl"  # smol-VQA accuracy at the trained and the default layer (data/smol/vqa.py)
 out_dir = "out/lppo-smol"
 
 image_layer = 1  # the most vulnerable layer of the sweep (docs/results.md)

@@ -11,6 +11,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def torch_capability():
+    import torch
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def run_bench(*args):
     """(return code, the JSON lines bench.py printed, stderr), on the CPU (float32) with one thread."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -26,6 +31,7 @@ def test_tiny_family_matches_transformers_logits_and_tokens(family, n_layers):
     rc, lines, err = run_bench("--shape=tiny", f"--family={family}", "--batch_size=16", "--max_new_tokens=128")
     assert rc == 0, err[-2000:]
     assert all(line["family"] == family and line["gpu"] is None and line["transformers"] for line in lines)
+    assert all(line["isa"]["aten"] == torch_capability() for line in lines)  # each line names its ISA
     logits = [line for line in lines if line["what"] == "logits_float32"]
     assert len(logits) == n_layers
     for line in logits:

@@ -14,7 +14,7 @@ An example is drawn from (seed, split, index) alone, so the train and test split
 any example can be drawn again without the others. Answers are scored with evaluate.py's VQA-v2 accuracy (one
 human answer repeated ten times, so a prediction is right or wrong).
 
-    python data/smol/vqa.py          # writes vqa_{train,mix,test}.jsonl and their images under data/smol/vqa/
+    python data/smol/vqa.py          # writes vqa_{train,mix,val,test}.jsonl and their images under data/smol/vqa/
 """
 import hashlib
 import os
@@ -133,9 +133,9 @@ def write_split(out_dir, seed, split, n):
     return path
 
 
-# train: the visual-instruction stage; mix: mixed into the safety stage, so that it keeps the model's sight; test:
-# held out, never trained on
-SPLITS = {"train": 1800, "mix": 360, "test": 300}
+# train: the visual-instruction stage; mix: mixed into the safety stage, so that it keeps the model's sight; val:
+# what lppo.py watches during training and any choice is made on; test: held out, scored once (evaluate.py)
+SPLITS = {"train": 1800, "mix": 360, "val": 100, "test": 300}
 
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))

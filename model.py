@@ -2023,12 +2023,24 @@ def mllama_layer_features(vlm, images, layers):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# Linear layers whose CPU matmuls run on oneDNN. PyTorch's CPU builds send a float32 nn.Linear to MKL's sgemm,
-# which on AMD CPUs runs at about half the speed of oneDNN's (also bundled with PyTorch) for the shapes of a
-# training step or a batched decode step (bench.py prints both). The results agree to float32 rounding.
+# Linear layers whose CPU matmuls run on oneDNN. PyTorch's CPU builds send a float32 nn.Linear to MKL's sgemm; oneDNN
+# (also bundled with PyTorch) is faster for a decode step's few rows, from weights it packed once for them, on AVX2
+# and AVX-512 alike. For the many rows of a training step it is faster with AVX-512 only (bench.py's sft.py step,
+# padded: 1.14x over MKL on an AVX-512 core, 0.82x on the same core capped to AVX2), so on an AVX2 CPU those stay on
+# MKL. The choice follows the machine (its ISA), never a setting; the results agree to float32 rounding.
+
+
+def onednn_avx512():
+    """Whether oneDNN's float32 kernels run on AVX-512 here: ATen finds it (ATEN_CPU_CAPABILITY may cap it) and
+    ONEDNN_MAX_CPU_ISA, if set, allows it."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and (cap == "ALL" or "AVX512" in cap or "AMX" in cap
+                                                                       or "AVX10" in cap)
+
 
 # measured on x86-64 only (elsewhere PyTorch's own BLAS choice stands); bench.py switches it off to time MKL
 ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+ONEDNN_UNPACKED = ONEDNN and onednn_avx512()  # the unpacked weights of a training step or prefill on oneDNN too
 PACKED = {}  # ids of weights packed together -> (weakrefs to them, their versions and addresses, rows, packed copy)
 ACTIVE = {}  # id(weight), or id(module) for its FUSED projections -> packed copy, while packed_weights() is entered
 
@@ -2118,13 +2130,16 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
-    """F.linear, on oneDNN where use_onednn says so, with weight's packed copy inside packed_weights. One row (a decode
-    step at batch 1) on one thread stays on MKL: there oneDNN's unpacked matmul is the slower, by about 10% over a
-    decode (bench.py's batch-1 line, AVX-512 and AVX2 alike); on two threads or more oneDNN's is the faster."""
-    if not use_onednn(x) or (x.numel() == x.shape[-1] and torch.get_num_threads() == 1):
+    """F.linear: on oneDNN where use_onednn says so, by weight's packed copy inside packed_weights, and by the weight
+    itself where oneDNN has AVX-512 (ONEDNN_UNPACKED). One row (a decode step at batch 1) on one thread stays on MKL:
+    there oneDNN's unpacked matmul is the slower, by about 10% over a decode (bench.py's batch-1 line, AVX-512 and
+    AVX2 alike); on two threads or more oneDNN's is the faster."""
+    if not use_onednn(x):
         return F.linear(x, weight, bias)
     if id(weight) in ACTIVE and not torch.is_grad_enabled():
         return torch.ops.mkldnn._linear_pointwise(x, ACTIVE[id(weight)], bias, "none", [], "")
+    if not ONEDNN_UNPACKED or (x.numel() == x.shape[-1] and torch.get_num_threads() == 1):
+        return F.linear(x, weight, bias)
     return OneDNNLinear.apply(x, weight, bias)
 
 

@@ -5,6 +5,9 @@ Tolerance: max abs difference <= 1e-4 on logits and hidden states (observed diff
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,8 @@ from model import (VLM, add_lora, encode_batch, load_image, load_lora, load_toke
                    preprocess_image, save_lora)
 
 TOL = 1e-4
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pixels(n=2, seed=0, size=28):
@@ -564,7 +569,8 @@ needs_onednn = pytest.mark.skipif(not model.ONEDNN, reason="model.linear uses on
 
 @needs_onednn
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_onednn_linear_equals_f_linear_in_values_and_every_gradient(contiguous):
+def test_onednn_linear_equals_f_linear_in_values_and_every_gradient(contiguous, monkeypatch):
+    monkeypatch.setattr(model, "ONEDNN_UNPACKED", True)  # oneDNN's unpacked kernels, whatever this CPU's ISA
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 20, generator=g) if contiguous else torch.randn(3, 20, 7, generator=g).transpose(1, 2)
     w, b = torch.randn(11, 20, generator=g), torch.randn(11, generator=g)
@@ -587,6 +593,7 @@ def test_a_lora_training_step_on_onednn_equals_the_one_on_f_linear(ckpt, monkeyp
     at = torch.zeros(ids.shape, dtype=torch.bool)
     at[:, -3:] = True
     runs = []
+    monkeypatch.setattr(model, "ONEDNN_UNPACKED", True)  # oneDNN's unpacked kernels, whatever this CPU's ISA
     for onednn in (True, False):
         monkeypatch.setattr(model, "ONEDNN", onednn)
         torch.manual_seed(0)
@@ -601,6 +608,23 @@ def test_a_lora_training_step_on_onednn_equals_the_one_on_f_linear(ckpt, monkeyp
     assert len(runs[0]) == 1 + 3 * 2 * 2  # logits, then A and B of three adapters in each of two layers
     for ours, ref in zip(*runs):
         assert maxdiff(ours, ref) <= TOL
+
+
+@needs_onednn
+def test_the_matmul_path_follows_the_machine(monkeypatch):
+    """A training step's matmuls (unpacked weights, many rows) run on oneDNN only where its kernels have AVX-512:
+    capped to AVX2 (either library's cap) they stay on MKL. Packed decode weights run on oneDNN either way."""
+    code = "import model, torch; print(model.ONEDNN_UNPACKED, torch.backends.cpu.get_cpu_capability())"
+    caps = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+    run = lambda env: subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                                     env={**{k: v for k, v in os.environ.items() if k not in caps}, **env}).stdout.split()
+    assert run({"ONEDNN_MAX_CPU_ISA": "AVX2"})[0] == run({"ATEN_CPU_CAPABILITY": "avx2"})[0] == "False"
+    unpacked, isa = run({})
+    assert unpacked == str(isa == "AVX512")  # uncapped: the CPU's own ISA decides
+    x, w = torch.randn(8, 16, requires_grad=True), torch.randn(4, 16)
+    for unpacked, kernel in ((True, "OneDNNLinearBackward"), (False, "MmBackward0")):
+        monkeypatch.setattr(model, "ONEDNN_UNPACKED", unpacked)
+        assert model.linear(x, w).grad_fn.name() == kernel
 
 
 @needs_onednn

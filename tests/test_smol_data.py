@@ -6,6 +6,8 @@ the data files they write do not change.
 The tiny model's EOS logit is scaled up so that some responses end with EOS and others run out of tokens; the
 scale that gives both depends on the temperature."""
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -134,3 +136,27 @@ def test_build_preferences_samples_are_those_of_the_old_loop(world, monkeypatch)
     assert build_preferences.sample_answers(vlm, tok, prompts, torch.Generator().manual_seed(0)) == want
     assert len(calls) == 2 * n_old > 6  # the same batches, more than the first pass's three
     assert any(a is not None for a in want)
+
+
+def test_the_seeds_table_counts_each_criterion_against_the_shipped_model(tmp_path, capsys):
+    """data/smol/seeds_table.py: Early is the mean of layers 1 and 4, and a seed meets a criterion by its stated bar."""
+    import data.smol.seeds_table as seeds_table
+
+    def write(name, asr1, asr4, asr11, orr, vqa):
+        for part, layers in (("own-harmful", {1: asr1, 4: asr4, 11: asr11}), ("xstest-safe", {11: orr}),
+                             ("vqa", {11: vqa})):
+            (tmp_path / name / part).mkdir(parents=True)
+            rows = [{"layer": l, "C-ASR": v, "C-ASR_lo": v - 5, "C-ASR_hi": v + 5, "ORR": v, "ORR_lo": v - 5,
+                     "ORR_hi": v + 5, "VQA": v} for l, v in layers.items()]
+            (tmp_path / name / part / "summary.json").write_text(json.dumps({"layers": rows}))
+
+    write("test-base", 26.0, 23.0, 11.0, 40.0, 50.0)
+    write("test-lppo-s1337", 13.0, 10.0, 13.0, 45.0, 47.0)  # halved (13 <= 13), default +2, ORR +5, VQA -3: all met
+    write("test-lppo-s1", 13.5, 9.0, 13.5, 45.5, 53.5)  # each bar missed by half a point
+    write("test-sft-s1", 30.0, 30.0, 20.0, 30.0, 50.0)  # scored for one test set only: not counted
+    (tmp_path / "test-sft-s1" / "vqa" / "summary.json").unlink()
+    seeds_table.main(str(tmp_path))
+    out = json.loads((tmp_path / "seeds.json").read_text())
+    assert out["summary"]["lppo"]["met"] == [1, 1, 1, 1] and out["summary"]["lppo"]["seeds"] == [1337, 1]
+    assert out["summary"]["lppo"]["early_mean"] == (11.5 + 11.25) / 2 and "sft" not in out["summary"]
+    assert "| L-PPO at layer 1 (2) | 11.4 (0.2) [11.2, 11.5] |" in capsys.readouterr().out

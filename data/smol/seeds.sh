@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# L-PPO against its two controls over seeds, each model scored once on the held-out test sets (docs/smol-evidence.md).
+# Every arm starts from data/smol/smol-llava and makes 96 updates of 8 sequences:
+#   lppo   L-PPO at layer 1 (lppo.py's defaults)
+#   sft    (a) the default-layer safety SFT continued for as many updates (config/smol_sft_matched.py)
+#   ppo11  (b) Clip-PPO at the default layer (--image_layer=-2)
+#   base   the shipped model itself, scored only
+# Usage: bash data/smol/seeds.sh ARM [SEED ...]   (seeds 1337 1 2 3 4 by default), then python data/smol/seeds_table.py
+# Models go to out/ARM-sSEED/, their scores to out/test-ARM-sSEED/ (out/test-base/); a finished step is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+arm=${1:?usage: bash data/smol/seeds.sh lppo|sft|ppo11|base [SEED ...]}
+shift
+seeds=("$@")
+[ ${#seeds[@]} -gt 0 ] || seeds=(1337 1 2 3 4)
+case $arm in
+  lppo|sft|ppo11) ;;
+  base) seeds=(none) ;;
+  *) echo "data/smol/seeds.sh: arm '$arm'; expected lppo, sft, ppo11 or base" >&2; exit 2 ;;
+esac
+xstest="--dataset=xstest --pair_image_dir=data/smol/vqa/test_images --data_path=data/external/xstest/xstest_prompts.csv"
+for s in "${seeds[@]}"; do
+  name=$arm-s$s; adapter=(--adapter=out/$name/adapter.safetensors)
+  case $arm in
+    lppo)  train=(python lppo.py --seed=$s --out_dir=out/$name) ;;
+    sft)   train=(python sft.py config/smol_sft_matched.py --seed=$s --out_dir=out/$name) ;;
+    ppo11) train=(python lppo.py --seed=$s --image_layer=-2 --out_dir=out/$name) ;;
+    base)  name=base; adapter=() ;;
+  esac
+  [ $arm = base ] || [ -f out/$name/adapter.safetensors ] || "${train[@]}"
+  t=out/test-$name
+  [ -f $t/own-harmful/summary.json ] || python evaluate.py config/smol_test.py "${adapter[@]}" "--layers=[1,4,11]" \
+      --out_dir=$t/own-harmful
+  [ -f $t/xstest-safe/summary.json ] || python evaluate.py config/smol_test.py "${adapter[@]}" $xstest "--layers=[11]" \
+      --out_dir=$t/xstest-safe
+  [ -f $t/vqa/summary.json ] || python evaluate.py config/smol_test.py "${adapter[@]}" \
+      --data_path=data/smol/vqa/vqa_test.jsonl "--layers=[11]" --max_new_tokens=8 --out_dir=$t/vqa
+done

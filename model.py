@@ -24,10 +24,12 @@ with one call, speed_up. The plumbing the stage scripts share (DDP, atomic write
 common.py.
 """
 
+import getpass
 import json
 import math
 import os
 import platform
+import tempfile
 import weakref
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -2284,6 +2286,13 @@ def speed_up(model):
 # to C++ with inductor, which is how the tests check it gives the eager tokens.
 
 LENGTH_BUCKET = 64
+
+# PyTorch's cache of compiled code is not keyed by ATEN_CPU_CAPABILITY: a decode step compiled uncapped and loaded again
+# under ATEN_CPU_CAPABILITY=avx2 (how bench.py and the tests time an AVX2 machine's kernels) gave NaN logits on two
+# threads and a segmentation fault on one (torch 2.13). A capped process keeps a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}")
 
 
 def round_up(n, multiple):

@@ -224,3 +224,18 @@ def test_sft_refuses_compile_with_a_list_of_image_layers(tmp_path, monkeypatch):
     use_config(monkeypatch, compile=True, image_layer=[1, 2], out_dir=str(tmp_path / "out"))
     with pytest.raises(InputError, match=r"compile=True with image_layer=\[1, 2\]: .* expected an int or None"):
         sft.main()
+
+
+def test_a_process_capped_to_avx2_keeps_its_own_compiled_code():
+    """Inductor's cache is not keyed by ATEN_CPU_CAPABILITY: a capped process must not load code compiled uncapped
+    (it gave NaN logits or a crash), so importing model gives it a cache of its own, unless the user chose one."""
+    import os
+    import subprocess
+    import sys
+    code = "import os, model; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR', ''))"
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "TORCHINDUCTOR_CACHE_DIR")}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
+                                       text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    assert run({"ATEN_CPU_CAPABILITY": "avx2"}).strip().endswith("_avx2")
+    assert run({}).strip() == ""
+    assert run({"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "/x"}).strip() == "/x"

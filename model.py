@@ -2289,10 +2289,11 @@ LENGTH_BUCKET = 64
 
 # PyTorch's cache of compiled code is not keyed by ATEN_CPU_CAPABILITY: a decode step compiled uncapped and loaded again
 # under ATEN_CPU_CAPABILITY=avx2 (how bench.py and the tests time an AVX2 machine's kernels) gave NaN logits on two
-# threads and a segmentation fault on one (torch 2.13). A capped process keeps a cache of its own.
-if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}")
+# threads and a segmentation fault on one (torch 2.13). A capped process keeps a cache of its own, unless the user
+# chose one (torch writes its default into TORCHINDUCTOR_CACHE_DIR once it has looked).
+INDUCTOR_CACHE = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")  # torch's default
+if os.environ.get("ATEN_CPU_CAPABILITY") and os.environ.get("TORCHINDUCTOR_CACHE_DIR", INDUCTOR_CACHE) == INDUCTOR_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{INDUCTOR_CACHE}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}"
 
 
 def round_up(n, multiple):

@@ -10,6 +10,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+import model
 import tiny
 from common import InputError, strict_compile
 from model import VLM, add_lora, compile_decode, left_pad, lora_modules
@@ -239,3 +240,4 @@ def test_a_process_capped_to_avx2_keeps_its_own_compiled_code():
     assert run({"ATEN_CPU_CAPABILITY": "avx2"}).strip().endswith("_avx2")
     assert run({}).strip() == ""
     assert run({"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "/x"}).strip() == "/x"
+    assert run({"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": model.INDUCTOR_CACHE}).strip().endswith("_avx2")

@@ -24,6 +24,6 @@ lora_r = 8
 lora_alpha = 16
 
 max_iters = 24
-eval_interval = 24  # the validation sets at the start and at the end only: they cost about as much as 8 iterations
+eval_interval = 24  # the validation sets at the start and at the end only: each costs about as much as 3 iterations
 eval_size = 0
 checkpoint_interval = 4

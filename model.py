@@ -2020,7 +2020,8 @@ def mllama_layer_features(vlm, images, layers):
 # Speed: what makes the networks above fast without changing what they compute. One call, speed_up(model), swaps it
 # into a loaded model (VLM.from_pretrained and the reward model's loader make it): every nn.Linear runs `linear`,
 # on oneDNN on the CPU where that is the faster, q/k/v and gate/up become one matmul each where their weights are
-# packed, generate packs its weights for the batch once, and a right-padded training batch may run its decoder on the real tokens only (forward(unpadded=True)).
+# packed, generate packs its weights for the batch once, and a right-padded training batch may run its decoder on the
+# real tokens only (forward(unpadded=True)).
 # Opt-in, behind a `compile` flag: a compiled decode step (compile_decode) and compiled, bucketed training forwards.
 # =============================================================================
 

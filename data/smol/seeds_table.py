@@ -1,6 +1,6 @@
 """
 The tables of L-PPO against its controls over seeds (docs/smol-evidence.md), from the scores data/smol/seeds.sh wrote:
-out/test-base/ (the shipped model) and out/test-ARM-sSEED/ for the arms lppo, sft and ppo11. Prints a table per model
+out/test-base/ (the shipped model) and out/test-ARM-sSEED/ for the arms of data/smol/seeds.sh. Prints a table per model
 and one per arm, and writes every number to out/seeds.json.
 
     python data/smol/seeds_table.py [--root=out]
@@ -16,7 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 from common import atomic_write_json, read_json  # noqa: E402
 
-ARMS = {"lppo": "L-PPO at layer 1", "sft": "(a) default-layer SFT, matched", "ppo11": "(b) Clip-PPO at the default layer"}
+ARMS = {"lppo": "L-PPO at layer 1", "sft": "(a) default-layer SFT, matched", "ppo11": "(b) Clip-PPO at the default layer",
+        "sft1": "layer-wise SFT at layer 1, matched", "lppoall": "multi-layer L-PPO (layers 0..12)",
+        "sftall": "multi-layer SFT (layers 0..12), matched"}
 SEEDS = (1337, 1, 2, 3, 4)
 
 

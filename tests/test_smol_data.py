@@ -7,6 +7,7 @@ The tiny model's EOS logit is scaled up so that some responses end with EOS and 
 scale that gives both depends on the temperature."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -155,8 +156,14 @@ def test_the_seeds_table_counts_each_criterion_against_the_shipped_model(tmp_pat
     write("test-lppo-s1", 13.5, 9.0, 13.5, 45.5, 53.5)  # each bar missed by half a point
     write("test-sft-s1", 30.0, 30.0, 20.0, 30.0, 50.0)  # scored for one test set only: not counted
     (tmp_path / "test-sft-s1" / "vqa" / "summary.json").unlink()
+    write("test-ppo11-s1337", 15.0, 11.0, 13.0, 45.0, 47.0)  # Early 13.0 against L-PPO's 11.5: +1.5
+    write("test-ppo11-s1", 10.25, 10.0, 13.0, 45.0, 47.0)  # Early 10.125 against 11.25: -1.125
     seeds_table.main(str(tmp_path))
     out = json.loads((tmp_path / "seeds.json").read_text())
     assert out["summary"]["lppo"]["met"] == [1, 1, 1, 1] and out["summary"]["lppo"]["seeds"] == [1337, 1]
     assert out["summary"]["lppo"]["early_mean"] == (11.5 + 11.25) / 2 and "sft" not in out["summary"]
     assert "| L-PPO at layer 1 (2) | 11.4 (0.2) [11.2, 11.5] |" in capsys.readouterr().out
+    paired = out["paired"]["ppo11"]  # each arm against L-PPO, seed by seed
+    assert paired["diffs"] == [1.5, -1.125] and paired["lppo_lower"] == 1 and paired["mean"] == 0.1875
+    half = 12.706 * statistics.stdev([1.5, -1.125]) / 2 ** 0.5  # Student's t with one degree of freedom
+    assert paired["ci"] == [0.1875 - half, 0.1875 + half]

@@ -9,5 +9,5 @@ out_dir = "out/lppo-smol-all"
 # refusal at all 13 layers on every eval would take longer than the training: evaluate.py measures it after,
 # and the run itself checks benign over-refusal at the start and the end
 eval_harmful = ""
-eval_vqa = ""  # likewise smol-VQA at 13 layers: python data/smol/compare.py measures it after
+eval_vqa = ""  # likewise smol-VQA at 13 layers: python evaluate.py config/smol_compare.py measures it after
 eval_interval = 24

@@ -14,6 +14,7 @@ sys.path.insert(0, root)
 STAGE = {
     "gpt2_hh_rm": "reward", "smol_rm": "reward",
     "llama32v_eval": "evaluate", "llava_next_eval": "evaluate", "smol_eval": "evaluate", "smol_test": "evaluate",
+    "smol_sweep": "evaluate", "smol_compare": "evaluate",
     "llama32v_l5": "lppo", "llava15_l5": "lppo", "llava_next_l5": "lppo", "smol_lppo": "lppo", "smol_lppo_all": "lppo",
     "llava_next34b_l5": "lppo", "llama32v90b_l5": "lppo",
     "llava15_sft_l5": "sft", "llava_next_sft_l5": "sft", "smol_sft": "sft", "smol_sft_all": "sft",

@@ -16,8 +16,8 @@ from PIL import Image
 
 import evaluate
 import model
-from evaluate import (ANSWER_JUDGE, answer_kind, check_comparable, classifier_toxicity, drop_torn_tail,
-                      group_metrics, is_degenerate, is_refusal, judge_agreement, refuses,
+from evaluate import (ANSWER_JUDGE, KEYWORD_JUDGE, answer_kind, check_comparable, classifier_toxicity,
+                      drop_torn_tail, group_metrics, is_degenerate, is_refusal, judge_agreement, refuses, layer_span,
                       judge_llama_guard, keyword_jailbroken, layer_groups, llama_guard_prompt, llama_guard_version,
                       load_llama_guard, load_toxicity_classifier, pair_images, parse_llama_guard, per_layer_metrics,
                       perspective_toxicity, rate_cells, read_advbench_csv, read_jailbreakv_csv, read_vqa, read_xstest,
@@ -206,6 +206,20 @@ def test_groups_average_their_layers_and_average_is_the_mean_of_the_groups():
     assert groups["Late"]["TR"] == pytest.approx(-5.5)
     assert groups["Average"]["TR"] == pytest.approx((-1.5 - 3.5 - 5.5) / 3)
     assert groups["Average"]["TS"] is None
+
+
+def test_chosen_layers_stand_for_the_groups_and_keyword_over_refusal_averages_like_any_rate():
+    # a benign set at 6 layers of a 12-layer tower: at layer l, l of the 12 answers carry a refusal keyword
+    chosen = [[0, 1, 2], [5], [9]]
+    assert layer_groups(12, chosen) == {"Early": [0, 1, 2], "Middle": [5], "Late": [9]}
+    rows = [{"id": str(i), "layer": l, "keyword_refusal": i < l} for l in (0, 1, 2, 5, 9, 11) for i in range(12)]
+    groups = group_metrics(per_layer_metrics(rows), 12, chosen)
+    assert groups["Early"]["KW-ORR"] == pytest.approx(100 * 1 / 12)  # the mean of 0, 1 and 2 of 12
+    assert groups["Middle"]["KW-ORR"] == pytest.approx(100 * 5 / 12)
+    assert groups["Average"]["KW-ORR"] == pytest.approx(100 * (1 + 5 + 9) / 3 / 12)
+    assert groups["Early"]["KW-ORR_n"] == 36 and groups["Late"]["KW-ORR_n"] == 12
+    assert groups["Early"]["ORR"] is None  # the three-way judge gave no verdict here
+    assert [layer_span(ls) for ls in ([0, 1, 2], [5], [1, 4, 11], [])] == ["0-2", "5-5", "1,4,11", ""]
 
 
 # k, n, and the 95% interval worked out by hand from (2k + z^2 -+ z sqrt(z^2 + 4k(n - k)/n)) / (2(n + z^2)), z = 1.96
@@ -846,11 +860,12 @@ def test_xstest_runs_at_the_default_layer_only_judged_by_the_three_way_judge(tmp
     assert long_row["response"] == evaluate.decode_until_eos(tok, tokens, [tok.eos_token_id])[0]
 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["judges"] == {"answer": ANSWER_JUDGE}
+    assert summary["judges"] == {"answer": ANSWER_JUDGE, "keywords": KEYWORD_JUDGE}
     assert summary["groups"] == [] and [r["layer"] for r in summary["layers"]] == [2]
     assert summary["layers"][0]["C-ASR"] is None  # a safe prompt answered is no attack success
     refused = sum(refuses(r["response"]) for r in rows)
     assert summary["layers"][0]["ORR"] == 100 * refused / 2 and summary["layers"][0]["ORR_n"] == 2
+    assert summary["layers"][0]["KW-ORR"] == 100 * sum(map(is_refusal, [r["response"] for r in rows])) / 2
     assert f" | {100 * refused / 2:.1f} [" in (tmp_path / "out" / "summary.md").read_text()  # the ORR column
 
     # an answer as long as the context leaves no room for a prompt
@@ -961,6 +976,7 @@ def test_judge_agreement_with_human_labels_on_a_hand_made_sheet(tmp_path, monkey
     ("--batch_size=0", "batch_size=0; expected a number > 0"),
     ("--max_new_tokens=0", "max_new_tokens=0; expected a number > 0"),
     ("--layers=5", "layers=5 has type int, expected list"),
+    ("--group_layers=[[0],[5]]", "group_layers = [[0], [5]]; expected three non-empty lists of image layers"),
 ])
 def test_bad_settings_are_one_line_before_any_work(tmp_path, arg, message):
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), arg, f"--out_dir={tmp_path / 'out'}"],

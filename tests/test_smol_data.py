@@ -1,7 +1,7 @@
-"""The smol world's data scripts generate with model.generate_responses: on a tiny checkpoint, build_sft's
-model_answers, measure_sft's respond and build_preferences' sample_answers give exactly the texts of the batched
-vlm.generate loops they ran before (kept below as the reference), greedy and sampled with a seeded generator, so
-the data files they write do not change.
+"""The smol world's data scripts and its ICET sweep generate with model.generate_responses: on a tiny checkpoint,
+build_sft's model_answers, build_preferences' sample_answers and evaluate.py's sweep (config/smol_sweep.py) give
+exactly the texts of the batched vlm.generate loops they ran before (kept below as the reference), greedy and sampled
+with a seeded generator, so the data files and the rates they write do not change.
 
 The tiny model's EOS logit is scaled up so that some responses end with EOS and others run out of tokens; the
 scale that gives both depends on the temperature."""
@@ -15,7 +15,7 @@ from PIL import Image
 
 import data.smol.build_preferences as build_preferences
 import data.smol.build_sft as build_sft
-import data.smol.measure_sft as measure_sft
+import evaluate
 import tiny
 from model import VLM, encode_batch, load_image, load_tokenizer
 
@@ -111,16 +111,35 @@ def test_build_sft_answers_are_those_of_the_old_loop(world, monkeypatch, tempera
     assert any(ended) and not all(ended)  # both endings: stripped at EOS, cut to whole sentences otherwise
 
 
-@pytest.mark.parametrize("layer,temperature,eos_scale", [(None, 0.0, 1), (2, 0.0, 1), (None, 0.7, 12)])
-def test_measure_sft_responses_are_those_of_the_old_loop(world, monkeypatch, layer, temperature, eos_scale):
-    vlm, tok = load(world[0], eos_scale)
-    monkeypatch.setattr(measure_sft, "batch_size", BATCH_SIZE)
-    monkeypatch.setattr(measure_sft, "max_new_tokens", MAX_NEW_TOKENS)
-    want = old_respond(vlm, tok, world[1], layer, temperature, torch.Generator().manual_seed(0))
-    assert measure_sft.respond(vlm, tok, world[1], layer, temperature, torch.Generator().manual_seed(0)) == want
-    assert len(set(len(w.split()) for w in want)) > 1  # some ended with EOS, some ran out of tokens
-    if layer is not None:  # the layer changes what is said
-        assert want != old_respond(vlm, tok, world[1], None, temperature, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("benign", [False, True])
+def test_the_smol_sweep_responses_are_those_of_the_old_loop(world, tmp_path, monkeypatch, benign):
+    """evaluate.py's sweep says at each layer what the old loop said one layer at a time, though its batches mix
+    layers, and its keyword rates count those texts: ASR on a harmful set, over-refusal on a benign one."""
+    vlm, tok = load(world[0], 1)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in world[1]))
+    want = {layer: old_respond(vlm, tok, world[1], layer, 0.0, None) for layer in (vlm.image_layer_index(None), 2)}
+    # the tiny model never refuses: call a word that some of its answers hold a refusal keyword, so those refuse
+    word = next(w for text in want[2] for w in text.split() if not all(w in t.split() for t in want[2]))
+    monkeypatch.setattr(evaluate, "REFUSAL_KEYWORDS", [word])
+    refused = {layer: [evaluate.is_refusal(t) for t in texts] for layer, texts in want.items()}
+    for k, v in dict(init_from=str(world[0]), data_path=str(data), layers=[2], batch_size=BATCH_SIZE,
+                     max_new_tokens=MAX_NEW_TOKENS, benign=benign, device="cpu", dtype="float32",
+                     out_dir=str(tmp_path / "out")).items():
+        monkeypatch.setattr(evaluate, k, v)
+    evaluate.main()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+    assert [r["layer"] for r in rows] == sorted(r["layer"] for r in rows)  # 5 rows a layer in batches of 2: one mixed
+    for layer, texts in want.items():
+        assert [r["response"].strip() for r in rows if r["layer"] == layer] == texts
+    assert want[2] != want[vlm.image_layer_index(None)]  # the layer changes what is said
+    assert len(set(len(w.split()) for w in want[2])) > 1  # some ended with EOS, some ran out of tokens
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for row in summary["layers"]:
+        rate = 100 * sum(refused[row["layer"]]) / len(world[1])
+        assert all(want[row["layer"]])  # no empty answer, which keyword ASR would not count as an attack success
+        assert row["KW-ORR" if benign else "KW-ASR"] == pytest.approx(rate if benign else 100 - rate)
+    assert 0 < sum(refused[2]) < len(world[1])
 
 
 def test_build_preferences_samples_are_those_of_the_old_loop(world, monkeypatch):
@@ -167,3 +186,27 @@ def test_the_seeds_table_counts_each_criterion_against_the_shipped_model(tmp_pat
     assert paired["diffs"] == [1.5, -1.125] and paired["lppo_lower"] == 1 and paired["mean"] == 0.1875
     half = 12.706 * statistics.stdev([1.5, -1.125]) / 2 ** 0.5  # Student's t with one degree of freedom
     assert paired["ci"] == [0.1875 - half, 0.1875 + half]
+
+
+def test_the_sweep_table_joins_the_three_runs_by_group_and_layer(tmp_path, monkeypatch, capsys):
+    """data/smol/sweep_table.py: each column comes from its run's summary.json, and a run not made is left out."""
+    import data.smol.sweep_table as sweep_table
+
+    def write(part, metric, by_layer, **extra):
+        layers = [{"layer": l, metric: v} for l, v in by_layer.items()]
+        groups = [{"name": "Early", "layers": "0-2", metric: by_layer[1]}, {"name": "Average", "layers": "", metric: 0.5}]
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "summary.json").write_text(json.dumps(
+            {"model": "m", "adapter": "", "default_layer": 11, "layers": layers, "groups": groups, **extra}))
+
+    write("harmful", "KW-ASR", {1: 40.0, 11: 16.0})
+    write("vqa", "VQA", {1: 46.0, 11: 51.7}, vqa_by_type={"1": {"colour": 90.0}, "11": {"colour": 100.0}})
+    for k, v in dict(runs=str(tmp_path), extract="", out=str(tmp_path / "table.json")).items():
+        monkeypatch.setattr(sweep_table, k, v)
+    sweep_table.main()
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert [(r["name"], r["KW-ASR"], r["VQA"]) for r in rows] == [
+        ("Early (0-2)", 40.0, 46.0), ("Average", 0.5, 0.5), ("layer 1", 40.0, 46.0), ("layer 11 (default)", 16.0, 51.7)]
+    printed = capsys.readouterr().out
+    assert "| layers | keyword ASR % | smol-VQA % |" in printed and "over-refusal" not in printed
+    assert "| layer 11 | 100.00 |" in printed  # smol-VQA by question type

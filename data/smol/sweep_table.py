@@ -1,10 +1,11 @@
 """
-The smol ICET sweep in one table and one JSON: per image layer, keyword ASR on the held-out harmful requests,
-over-refusal on the held-out benign ones (measure_sft.py), smol-VQA accuracy (measure_vqa.py) and the
-out-of-distribution scores of the projected features (extract.py).
+The smol ICET sweep (config/smol_sweep.py) or comparison (config/smol_compare.py) in one table and one JSON, read
+from the summary.json of evaluate.py's runs: per layer group and image layer, keyword ASR and the reward model's mean
+score (where it ran) on the held-out harmful requests, keyword over-refusal on the benign ones, smol-VQA accuracy, and
+the out-of-distribution scores of the projected features (extract.py); then smol-VQA per question type.
 
-    python data/smol/sweep_table.py --refusals=out/measure-smol/smol-llava.json --vqa=out/vqa-smol-llava.json \
-        --extract=out/extract-smol/statistics.json --out=out/smol-sweep.json
+    python data/smol/sweep_table.py
+    python data/smol/sweep_table.py --runs=out/compare-lppo --extract="" --out=out/compare-lppo/table.json
 """
 import os
 import sys
@@ -12,32 +13,45 @@ import sys
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(here)))
 
-from common import atomic_write_json, markdown_table, read_json, run_stage  # noqa: E402
+from common import InputError, atomic_write_json, markdown_table, read_json, run_stage  # noqa: E402
 
-refusals = "out/measure-smol/smol-llava.json"
-vqa = "out/vqa-smol-llava.json"
-extract = "out/extract-smol/statistics.json"
-out = "out/smol-sweep.json"
+runs = "out/sweep-smol"  # evaluate.py's out_dirs <runs>/harmful, <runs>/benign, <runs>/vqa; a missing one is left out
+extract = "out/extract-smol/statistics.json"  # "" = no out-of-distribution columns
+out = "out/sweep-smol/table.json"
+
+# (run, summary metric, column)
+COLUMNS = [("harmful", "KW-ASR", "keyword ASR %"), ("harmful", "TR", "RM score"),
+           ("benign", "KW-ORR", "over-refusal %"), ("vqa", "VQA", "smol-VQA %")]
 
 
 def main():
-    ref = read_json(refusals)
-    L, default = ref["num_layers"], ref["default_layer"]
-    rate = {(r["split"], r["layer"]): r["refusal_rate"] for r in ref["results"] if r["temperature"] == 0}
-    vqa_layers = read_json(vqa)["layers"] if vqa else {}
+    paths = {part: os.path.join(runs, part, "summary.json") for part in ("harmful", "benign", "vqa")}
+    summaries = {part: read_json(p) for part, p in paths.items() if os.path.isfile(p)}
+    if not summaries:
+        raise InputError(f"runs = {runs!r}: none of {', '.join(paths.values())} exists; expected the out_dirs of "
+                         "evaluate.py config/smol_sweep.py or config/smol_compare.py")
+    first = next(iter(summaries.values()))
+    columns = [(part, m, title) for part, m, title in COLUMNS
+               if part in summaries and any(r.get(m) is not None for r in summaries[part]["layers"])]
+    groups = {part: {g["name"]: g for g in s["groups"]} for part, s in summaries.items()}
+    layers = {part: {r["layer"]: r for r in s["layers"]} for part, s in summaries.items()}
     ood = {r["layer"]: r for r in read_json(extract)["layers"]} if extract else {}
-    rows = []
-    for layer in range(L + 1):
-        key = str(layer) if str(layer) in vqa_layers else str(layer - L - 1)  # measure_vqa may name -2 for 11
-        v = vqa_layers.get(key, {}).get("images", {})
-        rows.append({"layer": layer, "asr": 100 - rate[("harmful", layer)] if ("harmful", layer) in rate else None,
-                     "over_refusal": rate.get(("benign", layer)), "vqa": 100 * v["all"] if v else None,
+    rows = [{"name": g["name"] + (f" ({g['layers']})" if g["layers"] else ""),
+             **{m: groups[part].get(g["name"], {}).get(m) for part, m, _ in columns}} for g in first["groups"]]
+    for layer in sorted(set().union(*(ls.keys() for ls in layers.values()))):
+        rows.append({"name": f"layer {layer}" + (" (default)" if layer == first["default_layer"] else ""),
+                     "layer": layer, **{m: layers[part].get(layer, {}).get(m) for part, m, _ in columns},
                      "mahalanobis": ood.get(layer, {}).get("ood"), "fd_default": ood.get(layer, {}).get("fd_default")})
-    atomic_write_json({"model": ref["model"], "default_layer": default, "layers": rows}, out)
-    header = ["layer", "keyword ASR %", "over-refusal %", "smol-VQA %", "Mahalanobis OOD", "FD vs default"]
-    table = [[f"{r['layer']}" + (" (default)" if r["layer"] == default else "")] +
-             [r[k] for k in ("asr", "over_refusal", "vqa", "mahalanobis", "fd_default")] for r in rows]
-    print(markdown_table(header, table))
+    by_type = summaries["vqa"].get("vqa_by_type", {}) if "vqa" in summaries else {}
+    atomic_write_json({"model": first["model"], "adapter": first["adapter"], "default_layer": first["default_layer"],
+                       "rows": rows, "vqa_by_type": by_type}, out)
+    extra = [("mahalanobis", "Mahalanobis OOD"), ("fd_default", "FD vs default")] if ood else []
+    print(markdown_table(["layers"] + [title for _, _, title in columns] + [title for _, title in extra],
+                         [[r["name"]] + [r[m] for _, m, _ in columns] + [r.get(k) for k, _ in extra] for r in rows]))
+    if by_type:
+        types = list(next(iter(by_type.values())))
+        print(markdown_table(["smol-VQA % by type"] + types,
+                             [[f"layer {layer}"] + [acc[t] for t in types] for layer, acc in by_type.items()]))
 
 
 if __name__ == "__main__":

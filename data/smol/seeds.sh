@@ -6,20 +6,19 @@
 #   ppo11  (b) Clip-PPO at the default layer (--image_layer=-2)
 #   sft1   layer-wise SFT: (a) with layer 1's features (--image_layer=1)
 #   lppoall  multi-layer L-PPO: each rollout draws its layer from 0..12 (config/smol_lppo_all.py)
-#   sftall   multi-layer SFT: (a) with each example drawing its layer from 0..12
 #   base   the shipped model itself, scored only
 # Usage: bash data/smol/seeds.sh ARM [SEED ...]   (seeds 1337 1 2 3 4 by default), then python data/smol/seeds_table.py
 # Models go to out/ARM-sSEED/, their scores to out/test-ARM-sSEED/ (out/test-base/); a finished step is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-arm=${1:?usage: bash data/smol/seeds.sh lppo|sft|ppo11|sft1|lppoall|sftall|base [SEED ...]}
+arm=${1:?usage: bash data/smol/seeds.sh lppo|sft|ppo11|sft1|lppoall|base [SEED ...]}
 shift
 seeds=("$@")
 [ ${#seeds[@]} -gt 0 ] || seeds=(1337 1 2 3 4)
 case $arm in
-  lppo|sft|ppo11|sft1|lppoall|sftall) ;;
+  lppo|sft|ppo11|sft1|lppoall) ;;
   base) seeds=(none) ;;
-  *) echo "data/smol/seeds.sh: arm '$arm'; expected lppo, sft, ppo11, sft1, lppoall, sftall or base" >&2; exit 2 ;;
+  *) echo "data/smol/seeds.sh: arm '$arm'; expected lppo, sft, ppo11, sft1, lppoall or base" >&2; exit 2 ;;
 esac
 xstest="--dataset=xstest --pair_image_dir=data/smol/vqa/test_images --data_path=data/external/xstest/xstest_prompts.csv"
 for s in "${seeds[@]}"; do
@@ -30,7 +29,6 @@ for s in "${seeds[@]}"; do
     ppo11) train=(python lppo.py --seed=$s --image_layer=-2 --out_dir=out/$name) ;;
     sft1)  train=(python sft.py config/smol_sft_matched.py --seed=$s --image_layer=1 --out_dir=out/$name) ;;
     lppoall) train=(python lppo.py config/smol_lppo_all.py --seed=$s --out_dir=out/$name) ;;
-    sftall)  train=(python sft.py config/smol_sft_matched.py --seed=$s "--image_layer=[$(seq -s, 0 12)]" --out_dir=out/$name) ;;
     base)  name=base; adapter=() ;;
   esac
   [ $arm = base ] || [ -f out/$name/adapter.safetensors ] || "${train[@]}"

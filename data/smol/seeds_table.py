@@ -19,8 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from common import atomic_write_json, read_json  # noqa: E402
 
 ARMS = {"lppo": "L-PPO at layer 1", "sft": "(a) default-layer SFT, matched", "ppo11": "(b) Clip-PPO at the default layer",
-        "sft1": "layer-wise SFT at layer 1, matched", "lppoall": "multi-layer L-PPO (layers 0..12)",
-        "sftall": "multi-layer SFT (layers 0..12), matched"}
+        "sft1": "layer-wise SFT at layer 1, matched", "lppoall": "multi-layer L-PPO (layers 0..12)"}
 SEEDS = (1337, 1, 2, 3, 4)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student's t, 97.5%
 

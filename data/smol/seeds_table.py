@@ -92,11 +92,11 @@ def main(root):
         if arm == "lppo" or len(both) < 2:
             continue
         d = [runs[s]["early"] - arms["lppo"][s]["early"] for s in both]
-        mean, sd = sum(d) / len(d), statistics.stdev(d)
-        half = T975[len(d) - 1] * sd / len(d) ** 0.5
-        paired[arm] = {"seeds": both, "diffs": d, "mean": mean, "sd": sd, "ci": [mean - half, mean + half],
+        d_mean, d_sd = sum(d) / len(d), statistics.stdev(d)
+        half = T975[len(d) - 1] * d_sd / len(d) ** 0.5
+        paired[arm] = {"seeds": both, "diffs": d, "mean": d_mean, "sd": d_sd, "ci": [d_mean - half, d_mean + half],
                        "lppo_lower": sum(x > 0 for x in d)}
-        print(f"| {ARMS[arm]} | {len(d)} | {f1(mean)} ({f1(sd)}) | [{f1(mean - half)}, {f1(mean + half)}] | "
+        print(f"| {ARMS[arm]} | {len(d)} | {f1(d_mean)} ({f1(d_sd)}) | [{f1(d_mean - half)}, {f1(d_mean + half)}] | "
               f"{paired[arm]['lppo_lower']} of {len(d)} |")
     atomic_write_json({"base": base, "arms": arms, "summary": summary, "paired": paired},
                       os.path.join(root, "seeds.json"))

@@ -161,26 +161,27 @@ def response_forward(vlm, ro, temperature, with_values=True):
     ids = torch.cat([ro["input_ids"], ro["tokens"]], 1)
     mask = torch.cat([ro["attention_mask"], ro["mask"]], 1)
     extras = extend_per_token(vlm, image_extras(vlm, ro), ro["tokens"].shape[1])  # the response sees the image too
+    # with compile=True the model runs this decoder compiled, on lengths padded to buckets (model.compile_scoring)
     hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask, **extras)[:, T0 - 1:-1]
     return response_heads(vlm, hidden, ro["tokens"], temperature, with_values)
 
 
 @torch.no_grad()
-def score_rollout(vlm, ro, temperature, micro_batch_size, ctx=None, forward=response_forward):
+def score_rollout(vlm, ro, temperature, micro_batch_size, ctx=None):
     """Old logprobs and values (the policy) and reference logprobs (adapters off), micro-batched, float32."""
     old_logprobs, old_values, ref_logprobs = [], [], []
     for i in range(0, ro["tokens"].shape[0], micro_batch_size):
         mb = {k: v[i:i + micro_batch_size] for k, v in ro.items()}
         with ctx or nullcontext():
-            lp, _, v = forward(vlm, mb, temperature)
+            lp, _, v = response_forward(vlm, mb, temperature)
             with lora_disabled(vlm):  # the reference policy π_SFT: the same weights, adapters switched off
-                ref, _, _ = forward(vlm, mb, temperature, with_values=False)
+                ref, _, _ = response_forward(vlm, mb, temperature, with_values=False)
         old_logprobs.append(lp.float()), old_values.append(v.float()), ref_logprobs.append(ref.float())
     return torch.cat(old_logprobs), torch.cat(old_values), torch.cat(ref_logprobs)
 
 
 def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_size, clip_eps, clip_eps_v, vf_coef,
-               grad_clip, temperature, generator, ctx=None, forward=response_forward):
+               grad_clip, temperature, generator, ctx=None):
     """K epochs of clipped PPO over shuffled minibatches of rollout ro (Eq. 7-9); gradients averaged over the ranks.
 
     Returns {statistic: [one 0-dim tensor per micro-batch]}. A NaN/inf loss on any rank raises FloatingPointError on
@@ -195,7 +196,7 @@ def ppo_update(vlm, optimizer, ro, *, ppo_epochs, minibatch_size, micro_batch_si
             for m0 in range(start, start + minibatch_size, micro_batch_size):
                 mb = {k: v[perm[m0:m0 + micro_batch_size]] for k, v in ro.items()}
                 with ctx or nullcontext():
-                    logprobs, entropy, values = forward(vlm, mb, temperature)
+                    logprobs, entropy, values = response_forward(vlm, mb, temperature)
                 pg_loss, pg_stats = clipped_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                                         clip_eps)
                 vf_loss, vf_clipfrac = clipped_value_loss(values, mb["old_values"], mb["returns"], mb["mask"],
@@ -352,10 +353,9 @@ def main():
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, eps=1e-5,
                                   fused=dev.startswith("cuda"))
     kl_ctl = KLController(kl_coef, kl_target or None, kl_horizon)
-    forward = response_forward
-    if compile:  # the decode step over a static KV cache, and the scoring/training forward on bucketed lengths
+    if compile:  # the decode step over a static KV cache, and the decoder of response_forward on bucketed lengths
         strict_compile()
-        forward = compile_rollouts(vlm, batch_size, max_prompt_len + max(max_new_tokens, eval_max_new_tokens))
+        compile_rollouts(vlm, batch_size, max_prompt_len + max(max_new_tokens, eval_max_new_tokens))
     print0(f"policy: {init_from} | trainable {sum(p.numel() for p in params) / 1e6:.2f}M (LoRA r={lora_r} on "
            f"{lora_targets} + value head) | image layers {image_layers} | {world_size} rank(s) on {dev}, {dtype}")
 
@@ -424,8 +424,7 @@ def main():
         shaped = (scores - score_stats[0]) / score_stats[1] if score_norm else scores
         t2 = time.time()
         # 4. old logprobs and values (π_old, Eq. 5), reference logprobs (π_SFT: the adapters off), all at layer l
-        ro["old_logprobs"], ro["old_values"], ref_logprobs = score_rollout(vlm, ro, temperature, micro_batch_size, ctx,
-                                                                           forward)
+        ro["old_logprobs"], ro["old_values"], ref_logprobs = score_rollout(vlm, ro, temperature, micro_batch_size, ctx)
         # 5. per-token reward -η·KL_t, with r(x, y) added at the last response token (Eq. 6)
         rewards, kl = compute_rewards(shaped, ro["old_logprobs"], ref_logprobs, ro["mask"], kl_ctl.value, kl_estimator)
         if whiten_rewards:
@@ -438,7 +437,7 @@ def main():
             stats = ppo_update(vlm, optimizer, ro, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size,
                                micro_batch_size=micro_batch_size, clip_eps=clip_eps, clip_eps_v=clip_eps_v,
                                vf_coef=vf_coef, grad_clip=grad_clip, temperature=temperature,
-                               generator=generator_for("minibatches", seed, iter_num), ctx=ctx, forward=forward)
+                               generator=generator_for("minibatches", seed, iter_num), ctx=ctx)
         except FloatingPointError as e:
             bar.close()
             raise InputError(f"iteration {iter_num + 1}: {e}; stopped, {ckpt_path} holds the last good state") from None

@@ -32,7 +32,6 @@ import platform
 import tempfile
 import weakref
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -551,7 +550,16 @@ class VLM(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return decoder_states(self, self.embed(input_ids, pixel_values, image_layer, image_sizes), attention_mask)
+        return self.decoder_states(self.embed(input_ids, pixel_values, image_layer, image_sizes), attention_mask)
+
+    def decoder_states(self, x, attention_mask):
+        """hidden_states after the embedding: the decoder on embeddings x (B, T, D); with padding, positions count
+        from each row's first real token."""
+        T = x.shape[1]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        idx = torch.arange(T, device=x.device)
+        window = self.config.text.sliding_window
+        return self.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx, window))
 
     def response_logits(self, hidden):
         """Logits for generated tokens: the image placeholder can never be a response token, since the next
@@ -815,7 +823,7 @@ def entropy_from_logits(logits, temperature=1.0):
 
 def response_heads(vlm, hidden, tokens, temperature, with_values=True):
     """Logprobs, entropies and values (B, n) of response tokens (B, n), from the decoder's hidden states (B, n, D) one
-    position before each: the one scoring of lppo.response_forward, eager or compiled (decoder_heads)."""
+    position before each: the one scoring of lppo.response_forward."""
     logits = vlm.response_logits(hidden)
     return (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature),
             vlm.values(hidden) if with_values else None)
@@ -2224,6 +2232,17 @@ class FastVLM(VLM):
             return prefill_static(self, *args, **kwargs)
         return super().prefill(*args, **kwargs)
 
+    def decoder_states(self, x, attention_mask):
+        """VLM.decoder_states; after compile_scoring, compiled, on x and attention_mask right-padded to a multiple of
+        its bucket. The padding comes after every real position and is masked, so the real positions' states are
+        those of the eager decoder up to float32 rounding (the padded matmuls are longer)."""
+        compiled = getattr(self, "compiled_states", None)
+        if compiled is None:
+            return super().decoder_states(x, attention_mask)
+        T = x.shape[1]
+        pad = round_up(T, self.scoring_bucket) - T
+        return compiled(self, F.pad(x, (0, 0, 0, pad)), F.pad(attention_mask, (0, pad)))[:, :T]
+
     def forward(self, input_ids, pixel_values=None, image_layer=None, attention_mask=None, return_hidden=False,
                 logits_at=None, image_sizes=None, unpadded=False):
         """VLM.forward; unpadded=True: the same (N, V) logits of right-padded rows from unpadded_logits, which skips
@@ -2372,42 +2391,20 @@ def prefill_static(vlm, input_ids, attention_mask, pixel_values, image_layer, ma
     return vlm.response_logits(hidden[:B, -1]).float(), decode
 
 
-def decoder_states(vlm, x, attention_mask):
-    """VLM.hidden_states after the embedding: the decoder on embeddings x (B, T, D); with padding, positions count
-    from each row's first real token. A compiled training forward calls this on vlm.embed's output, so that the image
-    side, with its checks and per-row layers, stays eager."""
-    T = x.shape[1]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    idx = torch.arange(T, device=x.device)
-    window = vlm.config.text.sliding_window
-    return vlm.language_model(x, position_ids, build_mask(attention_mask.bool(), idx, idx, window))
-
-
-def decoder_heads(vlm, x, mask, tokens, temperature, with_values):
-    """lppo.response_forward after the embedding, on [prompt; response] embeddings x: what lppo.py's `compile`
-    compiles. Every shape in it is an input's, so bucketed inputs (bucketed_response_forward) compile once per bucket
-    and grad mode."""
-    return response_heads(vlm, decoder_states(vlm, x, mask)[:, -tokens.shape[1] - 1:-1], tokens, temperature,
-                          with_values)
-
-
-def bucketed_response_forward(vlm, ro, temperature, with_values=True, heads=decoder_heads, bucket=LENGTH_BUCKET):
-    """lppo.response_forward for `compile`: the prompt left-padded and the response right-padded to multiples of
-    `bucket` (padding is masked, so every number is unchanged), the image side run eagerly, `heads` (decoder_heads,
-    compiled) on the rest."""
-    T0, n = ro["input_ids"].shape[1], ro["tokens"].shape[1]
-    left, right = round_up(T0, bucket) - T0, round_up(n, bucket) - n
-    pad = vlm.config.pad_token_id
-    tokens = F.pad(ro["tokens"], (0, right), value=pad)
-    ids = torch.cat([F.pad(ro["input_ids"], (left, 0), value=pad), tokens], 1)
-    mask = torch.cat([F.pad(ro["attention_mask"], (left, 0)), F.pad(ro["mask"], (0, right))], 1)
-    x = vlm.embed(ids, ro["pixel_values"], ro["layers"], **image_extras(vlm, ro))
-    logprobs, entropy, values = heads(vlm, x, mask, tokens, temperature, with_values)
-    return logprobs[:, :n], entropy[:, :n], None if values is None else values[:, :n]
+def compile_scoring(vlm, backend="inductor", bucket=LENGTH_BUCKET):
+    """Make vlm.hidden_states run its decoder compiled, on lengths padded to multiples of LENGTH_BUCKET (FastVLM.
+    decoder_states): lppo.response_forward then scores and trains on rollouts of any length with a few graphs. The
+    image side stays eager, with its checks and each row's own layer."""
+    if not isinstance(vlm, FastVLM):
+        raise InputError("compile_scoring: expected a model from VLM.from_pretrained (or one given to speed_up), whose "
+                         "decoder_states runs the compiled decoder")
+    vlm.compiled_states = torch.compile(VLM.decoder_states, backend=backend, fullgraph=True, dynamic=False)
+    vlm.scoring_bucket = bucket
+    return vlm
 
 
 def compile_rollouts(vlm, batch_size, max_len):
-    """lppo.py's `compile`: generate on a compiled decode step (compile_decode), and the response forward that scores
-    and trains on rollouts returned: bucketed_response_forward on a compiled decoder_heads."""
+    """lppo.py's `compile`: generate on a compiled decode step (compile_decode), and score and train with a compiled
+    decoder (compile_scoring). lppo.response_forward stays as it is: the model runs its compiled pieces."""
     compile_decode(vlm, batch_size, max_len)
-    return partial(bucketed_response_forward, heads=torch.compile(decoder_heads, fullgraph=True, dynamic=False))
+    return compile_scoring(vlm)

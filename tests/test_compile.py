@@ -106,38 +106,35 @@ def lppo_rollout(n_text, n, seed):
             "advantages": torch.randn(B, n, generator=g), "returns": torch.randn(B, n, generator=g)}
 
 
-def lppo_iteration(vlm, opt, ro, forward):
+def lppo_iteration(vlm, opt, ro):
     """Score a rollout (policy and reference), then one PPO epoch on it: what one L-PPO iteration asks of the model."""
     from lppo import ppo_update, score_rollout
     ro = dict(ro)
-    ro["old_logprobs"], ro["old_values"], ref = score_rollout(vlm, ro, 0.7, 2, forward=forward)
+    ro["old_logprobs"], ro["old_values"], ref = score_rollout(vlm, ro, 0.7, 2)
     ppo_update(vlm, opt, ro, ppo_epochs=1, minibatch_size=4, micro_batch_size=2, clip_eps=0.2, clip_eps_v=0.2,
-               vf_coef=0.1, grad_clip=1.0, temperature=0.7, generator=torch.Generator().manual_seed(0),
-               forward=forward)
+               vf_coef=0.1, grad_clip=1.0, temperature=0.7, generator=torch.Generator().manual_seed(0))
     return [ro["old_logprobs"], ro["old_values"], ref] + [p.detach().clone() for p in opt.param_groups[0]["params"]]
 
 
 def test_lppo_compiled_forward_gives_the_eager_numbers_and_never_recompiles_after_warm_up(ckpt, strict):
-    from functools import partial
-    from lppo import response_forward
-    from model import bucketed_response_forward, decoder_heads
-    heads = torch.compile(decoder_heads, backend="aot_eager", fullgraph=True, dynamic=False)
-    forward = partial(bucketed_response_forward, heads=heads, bucket=16)
-    eager, compiled = policy(ckpt), policy(ckpt)
+    from model import compile_scoring, round_up
+    eager, compiled = policy(ckpt), compile_scoring(policy(ckpt), backend="aot_eager", bucket=16)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (eager, compiled)]
-    warm_up = [((3, 7, 2, 5), 5), ((6, 2, 1, 4), 17)]  # prompts of 27 tokens or fewer, responses in two buckets
-    after = [((1, 8, 4, 4), 12), ((5, 5, 5, 3), 20), ((8, 1, 2, 2), 3), ((2, 3, 7, 6), 32)]
-    for i, (n_text, n) in enumerate(warm_up + after):
+    warm_up = [((3, 7, 2, 5), 5), ((6, 2, 1, 4), 17), ((2, 3, 7, 6), 32)]  # prompts of 24 to 27 tokens
+    after = [((1, 8, 4, 4), 12), ((5, 5, 5, 3), 20), ((8, 1, 2, 2), 3), ((7, 1, 3, 2), 33)]
+    rollouts = [lppo_rollout(n_text, n, seed=i) for i, (n_text, n) in enumerate(warm_up + after)]
+    bucket = [round_up(ro["input_ids"].shape[1] + ro["tokens"].shape[1], 16) for ro in rollouts]
+    assert sorted(bucket[:3]) == [32, 48, 64] and set(bucket[3:]) == set(bucket[:3])  # after warm-up: its buckets
+    for i, ro in enumerate(rollouts):
         if i == len(warm_up):
             graphs = counters["stats"]["unique_graphs"]
             torch._dynamo.config.error_on_recompile = True  # from here on a recompile raises
-        ro = lppo_rollout(n_text, n, seed=i)
-        want = lppo_iteration(eager, opts[0], ro, response_forward)
-        got = lppo_iteration(compiled, opts[1], ro, forward)
+        want = lppo_iteration(eager, opts[0], ro)
+        got = lppo_iteration(compiled, opts[1], ro)
         for a, b in zip(want, got):
-            assert (a - b).abs().max().item() <= 2e-5  # 4.8e-6 observed: the padded lengths reorder sums
-    # score, reference (adapters off, no values) and training (grad) forwards, each for two response buckets
-    assert graphs == 6 and counters["stats"]["unique_graphs"] == graphs
+            assert (a - b).abs().max().item() <= 2e-5  # float32 rounding: the padded lengths reorder sums
+    # the policy and reference scoring (no grad; adapters on, off) and the training forward, for each of three buckets
+    assert graphs == 9 and counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"]
 
 

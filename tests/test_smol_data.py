@@ -186,6 +186,38 @@ def test_the_seeds_table_counts_each_criterion_against_the_shipped_model(tmp_pat
     assert paired["diffs"] == [1.5, -1.125] and paired["lppo_lower"] == 1 and paired["mean"] == 0.1875
     half = 12.706 * statistics.stdev([1.5, -1.125]) / 2 ** 0.5  # Student's t with one degree of freedom
     assert paired["ci"] == [0.1875 - half, 0.1875 + half]
+    assert out["advbench"] == {}  # no model scored on AdvBench: an empty table, no numbers
+
+
+def test_the_seeds_table_pairs_advbench_by_seed_where_both_were_scored(tmp_path, capsys):
+    """data/smol/seeds_table.py: AdvBench x images is optional per model; the paired layer-1 difference uses the
+    seeds scored there for both arms."""
+    import data.smol.seeds_table as seeds_table
+
+    def write(name, parts):
+        for part, layers in parts.items():
+            (tmp_path / name / part).mkdir(parents=True)
+            rows = [{"layer": l, "C-ASR": v, "C-ASR_lo": v - 5, "C-ASR_hi": v + 5, "ORR": v, "ORR_lo": v - 5,
+                     "ORR_hi": v + 5, "VQA": v} for l, v in layers.items()]
+            (tmp_path / name / part / "summary.json").write_text(json.dumps({"layers": rows}))
+
+    own = {"own-harmful": {1: 20.0, 4: 20.0, 11: 10.0}, "xstest-safe": {11: 40.0}, "vqa": {11: 50.0}}
+    write("test-base", {**own, "advbench": {1: 19.0, 4: 13.0, 11: 7.5}})
+    write("test-lppo-s1337", {**own, "advbench": {1: 6.0, 11: 4.0}})
+    write("test-lppo-s1", {**own, "advbench": {1: 8.0, 11: 5.0}})
+    write("test-lppo-s2", own)  # not scored on AdvBench: left out of its table
+    write("test-ppo11-s1337", {**own, "advbench": {1: 9.0, 11: 4.0}})
+    write("test-ppo11-s1", {**own, "advbench": {1: 7.0, 11: 5.0}})
+    write("test-ppo11-s2", {**own, "advbench": {1: 30.0, 11: 5.0}})  # L-PPO's seed 2 has no AdvBench: unpaired
+    seeds_table.main(str(tmp_path))
+    adv = json.loads((tmp_path / "seeds.json").read_text())["advbench"]
+    assert adv["lppo"]["seeds"] == [1337, 1] and adv["lppo"]["adv1_mean"] == 7.0 and "paired" not in adv["lppo"]
+    assert adv["ppo11"]["adv1_mean"] == 46.0 / 3 and adv["ppo11"]["adv11_mean"] == 14.0 / 3
+    paired = adv["ppo11"]["paired"]
+    assert paired["seeds"] == [1337, 1] and paired["diffs"] == [3.0, -1.0] and paired["lppo_lower"] == 1
+    half = 12.706 * statistics.stdev([3.0, -1.0]) / 2 ** 0.5
+    assert paired["ci"] == [1.0 - half, 1.0 + half]
+    assert "| shipped half-way model | - | 19.0 | 7.5 | | |" in capsys.readouterr().out
 
 
 def test_the_sweep_table_joins_the_three_runs_by_group_and_layer(tmp_path, monkeypatch, capsys):

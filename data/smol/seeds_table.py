@@ -10,6 +10,7 @@ seeds meet each criterion of a repair against the shipped model: layer-1 C-ASR a
 default-layer C-ASR up by at most 2 points, XSTest over-refusal up by at most 5, smol-VQA within 3.
 Then each arm against L-PPO at layer 1, paired by seed (a seed fixes the prompts each iteration draws in both): the
 mean difference in Early C-ASR, its standard deviation, a 95% t-interval, and in how many seeds L-PPO is the lower.
+Last, the same on AdvBench x images at layer 1 for the models scored there (out/test-*/advbench/).
 """
 import os
 import statistics
@@ -39,6 +40,10 @@ def scores(folder):
     m["early"] = (m["asr1"] + m["asr4"]) / 2
     m["xs_orr"], m["xs_orr_ci"] = xstest[11]["ORR"], [xstest[11]["ORR_lo"], xstest[11]["ORR_hi"]]
     m["vqa11"] = vqa[11]["VQA"]
+    adv = by_layer(folder, "advbench")  # optional: AdvBench x images at layers 1 and 11
+    if adv:
+        m.update({f"adv{l}": adv[l]["C-ASR"] for l in (1, 11)})
+        m.update({f"adv{l}_ci": [adv[l]["C-ASR_lo"], adv[l]["C-ASR_hi"]] for l in (1, 11)})
     return m
 
 
@@ -98,8 +103,42 @@ def main(root):
                        "lppo_lower": sum(x > 0 for x in d)}
         print(f"| {ARMS[arm]} | {len(d)} | {f1(d_mean)} ({f1(d_sd)}) | [{f1(d_mean - half)}, {f1(d_mean + half)}] | "
               f"{paired[arm]['lppo_lower']} of {len(d)} |")
-    atomic_write_json({"base": base, "arms": arms, "summary": summary, "paired": paired},
+    advbench = advbench_table(base, arms, f1)
+    atomic_write_json({"base": base, "arms": arms, "summary": summary, "paired": paired, "advbench": advbench},
                       os.path.join(root, "seeds.json"))
+
+
+def advbench_table(base, arms, f1):
+    """Each arm's C-ASR on AdvBench x images (n = 520) at layer 1 and the default, over the seeds scored there, and the
+    layer-1 difference from L-PPO at layer 1, paired by seed."""
+    print()
+    print("| AdvBench x images (n = 520) | seeds | C-ASR layer 1: mean (sd) | default (11) | layer 1 minus L-PPO's, paired: "
+          "mean [95% t-interval] | L-PPO lower in |")
+    print("|---|---|---|---|---|---|")
+    if "adv1" in base:
+        print(f"| shipped half-way model | - | {f1(base['adv1'])} | {f1(base['adv11'])} | | |")
+    lppo = {s: m for s, m in arms["lppo"].items() if "adv1" in m}
+    out = {}
+    for arm, runs in arms.items():
+        runs = {s: m for s, m in runs.items() if "adv1" in m}
+        if not runs:
+            continue
+        a1, a11 = [m["adv1"] for m in runs.values()], [m["adv11"] for m in runs.values()]
+        sd = statistics.stdev(a1) if len(a1) > 1 else 0.0
+        out[arm] = {"seeds": list(runs), "adv1_mean": sum(a1) / len(a1), "adv1_sd": sd,
+                    "adv11_mean": sum(a11) / len(a11)}
+        cells = ["", ""]
+        both = [s for s in SEEDS if s in runs and s in lppo]
+        if arm != "lppo" and len(both) >= 2:
+            d = [runs[s]["adv1"] - lppo[s]["adv1"] for s in both]
+            d_mean, half = sum(d) / len(d), T975[len(d) - 1] * statistics.stdev(d) / len(d) ** 0.5
+            out[arm]["paired"] = {"seeds": both, "diffs": d, "mean": d_mean, "ci": [d_mean - half, d_mean + half],
+                                  "lppo_lower": sum(x > 0 for x in d)}
+            cells = [f"{f1(d_mean)} [{f1(d_mean - half)}, {f1(d_mean + half)}]",
+                     f"{out[arm]['paired']['lppo_lower']} of {len(d)}"]
+        print(f"| {ARMS[arm]} | {len(runs)} | {f1(out[arm]['adv1_mean'])} ({f1(sd)}) | {f1(out[arm]['adv11_mean'])} | "
+              f"{cells[0]} | {cells[1]} |")
+    return out
 
 
 if __name__ == "__main__":

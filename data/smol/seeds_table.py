@@ -93,19 +93,27 @@ def main(root):
     print("|---|---|---|---|---|")
     paired = {}
     for arm, runs in arms.items():
-        both = [s for s in SEEDS if s in runs and s in arms["lppo"]]
-        if arm == "lppo" or len(both) < 2:
+        if arm == "lppo" or not (p := paired_by_seed(runs, arms["lppo"], "early")):
             continue
-        d = [runs[s]["early"] - arms["lppo"][s]["early"] for s in both]
-        d_mean, d_sd = sum(d) / len(d), statistics.stdev(d)
-        half = T975[len(d) - 1] * d_sd / len(d) ** 0.5
-        paired[arm] = {"seeds": both, "diffs": d, "mean": d_mean, "sd": d_sd, "ci": [d_mean - half, d_mean + half],
-                       "lppo_lower": sum(x > 0 for x in d)}
-        print(f"| {ARMS[arm]} | {len(d)} | {f1(d_mean)} ({f1(d_sd)}) | [{f1(d_mean - half)}, {f1(d_mean + half)}] | "
-              f"{paired[arm]['lppo_lower']} of {len(d)} |")
+        paired[arm] = p
+        print(f"| {ARMS[arm]} | {len(p['diffs'])} | {f1(p['mean'])} ({f1(p['sd'])}) | [{f1(p['ci'][0])}, "
+              f"{f1(p['ci'][1])}] | {p['lppo_lower']} of {len(p['diffs'])} |")
     advbench = advbench_table(base, arms, f1)
     atomic_write_json({"base": base, "arms": arms, "summary": summary, "paired": paired, "advbench": advbench},
                       os.path.join(root, "seeds.json"))
+
+
+def paired_by_seed(runs, lppo, key):
+    """runs[s][key] minus lppo[s][key] over the seeds both have: mean, sd, 95% t-interval, seeds where L-PPO is lower;
+    None with fewer than two such seeds."""
+    both = [s for s in SEEDS if s in runs and s in lppo]
+    if len(both) < 2:
+        return None
+    d = [runs[s][key] - lppo[s][key] for s in both]
+    mean, sd = sum(d) / len(d), statistics.stdev(d)
+    half = T975[len(d) - 1] * sd / len(d) ** 0.5
+    return {"seeds": both, "diffs": d, "mean": mean, "sd": sd, "ci": [mean - half, mean + half],
+            "lppo_lower": sum(x > 0 for x in d)}
 
 
 def advbench_table(base, arms, f1):
@@ -128,14 +136,9 @@ def advbench_table(base, arms, f1):
         out[arm] = {"seeds": list(runs), "adv1_mean": sum(a1) / len(a1), "adv1_sd": sd,
                     "adv11_mean": sum(a11) / len(a11)}
         cells = ["", ""]
-        both = [s for s in SEEDS if s in runs and s in lppo]
-        if arm != "lppo" and len(both) >= 2:
-            d = [runs[s]["adv1"] - lppo[s]["adv1"] for s in both]
-            d_mean, half = sum(d) / len(d), T975[len(d) - 1] * statistics.stdev(d) / len(d) ** 0.5
-            out[arm]["paired"] = {"seeds": both, "diffs": d, "mean": d_mean, "ci": [d_mean - half, d_mean + half],
-                                  "lppo_lower": sum(x > 0 for x in d)}
-            cells = [f"{f1(d_mean)} [{f1(d_mean - half)}, {f1(d_mean + half)}]",
-                     f"{out[arm]['paired']['lppo_lower']} of {len(d)}"]
+        if arm != "lppo" and (p := paired_by_seed(runs, lppo, "adv1")):
+            out[arm]["paired"] = p
+            cells = [f"{f1(p['mean'])} [{f1(p['ci'][0])}, {f1(p['ci'][1])}]", f"{p['lppo_lower']} of {len(p['diffs'])}"]
         print(f"| {ARMS[arm]} | {len(runs)} | {f1(out[arm]['adv1_mean'])} ({f1(sd)}) | {f1(out[arm]['adv11_mean'])} | "
               f"{cells[0]} | {cells[1]} |")
     return out

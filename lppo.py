@@ -20,8 +20,8 @@ from common import (DEVICE, DTYPE, InputError, atomic_torch_save, atomic_write_j
                     check_writable_dir, compute_init, generator_for, load_resume_checkpoint, load_trained_state,
                     read_prompt_jsonl, run_stage, seed_for, shard_model, strict_compile, trained_state,
                     whole_trained_weights)
-from model import (VLM, add_lora, compile_rollouts, encode_batch, extend_per_token, first_eos_mask, generate_responses,
-                   image_extras, load_image, load_tokenizer, lora_disabled, merge_lora, open_images, prompt_room,
+from model import (VLM, add_lora, batch_images, compile_rollouts, encode_batch, extend_per_token, first_eos_mask,
+                   generate_responses, load_image, load_tokenizer, lora_disabled, merge_lora, open_images, prompt_room,
                    response_heads, save_lora, save_peft_adapter)
 
 # -----------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def clipped_value_loss(values, old_values, returns, mask, clip_eps_v):
 
 # -----------------------------------------------------------------------------
 # the pieces of one iteration that touch the model. A rollout is one dict of (B, ...) tensors: the prompt batch
-# (input_ids, attention_mask, pixel_values and the family's image extras: model.image_extras), each row's image layer
+# (input_ids, attention_mask and the image inputs: model.batch_images), each row's image layer
 # (layers), the response (tokens, mask) and what PPO adds to it (old_logprobs, old_values, advantages, returns).
 
 
@@ -160,9 +160,9 @@ def response_forward(vlm, ro, temperature, with_values=True):
     T0 = ro["input_ids"].shape[1]
     ids = torch.cat([ro["input_ids"], ro["tokens"]], 1)
     mask = torch.cat([ro["attention_mask"], ro["mask"]], 1)
-    extras = extend_per_token(vlm, image_extras(vlm, ro), ro["tokens"].shape[1])  # the response sees the image too
+    images = extend_per_token(vlm, batch_images(vlm, ro), ro["tokens"].shape[1])  # the response sees the image too
     # with compile=True the model runs this decoder compiled, on lengths padded to buckets (model.compile_scoring)
-    hidden = vlm.hidden_states(ids, ro["pixel_values"], ro["layers"], mask, **extras)[:, T0 - 1:-1]
+    hidden = vlm.hidden_states(ids, image_layer=ro["layers"], attention_mask=mask, **images)[:, T0 - 1:-1]
     return response_heads(vlm, hidden, ro["tokens"], temperature, with_values)
 
 
@@ -405,10 +405,10 @@ def main():
         ro["layers"] = torch.tensor(layers, device=dev)
         # 2. rollout: the policy (adapters on) samples a response, seeing layer-l image features
         with torch.no_grad(), ctx:
-            tokens, _ = vlm.generate(ro["input_ids"], ro["attention_mask"], ro["pixel_values"], ro["layers"],
-                                     max_new_tokens, temperature, eos_token_id=eos_id,
+            tokens, _ = vlm.generate(ro["input_ids"], ro["attention_mask"], image_layer=ro["layers"],
+                                     max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos_id,
                                      generator=generator_for("rollout", seed, rank, iter_num, device=dev),
-                                     **image_extras(vlm, ro))
+                                     **batch_images(vlm, ro))
         ro["mask"], has_eos = first_eos_mask(tokens, eos_id)
         ro["tokens"] = tokens.masked_fill(ro["mask"] == 0, pad_id)
         t1 = time.time()

@@ -1314,20 +1314,21 @@ def generate_responses(vlm, tok, rows, layer=None, max_new_tokens=64, temperatur
 
 
 # -----------------------------------------------------------------------------
-# The image inputs of a batch: pixel_values and a family's extras (vlm.image_inputs, e.g. mllama's aspect_ratio_ids,
-# aspect_ratio_mask and cross_attention_mask). Stages pass the extras through by name, unchanged, except that a
-# per-token extra follows the text when tokens are appended to the prompt.
+# The image inputs of a batch travel as one dict: pixel_values and the family's own inputs (vlm.image_inputs, e.g.
+# LLaVA-NeXT's image_sizes, mllama's aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask), as encode_batch
+# and encode_images make them. Stages pass the dict on as keyword arguments, unread, except that a per-token input
+# follows the text when tokens are appended to the prompt.
 
-def image_extras(vlm, batch):
-    """{name: tensor} of the family-specific image inputs in `batch` (none for llava), as keyword arguments."""
-    return {k: batch[k] for k in vlm.image_inputs if batch.get(k) is not None}
+def batch_images(vlm, batch):
+    """{name: tensor} of the image inputs in `batch` (pixel_values and the family's own), as keyword arguments."""
+    return {k: batch[k] for k in ("pixel_values", *vlm.image_inputs) if batch.get(k) is not None}
 
 
-def extend_per_token(vlm, extras, n):
-    """extras with each per-token input (B, T, ...) extended by n positions, copies of its last: tokens appended to a
+def extend_per_token(vlm, images, n):
+    """images with each per-token input (B, T, ...) extended by n positions, copies of its last: tokens appended to a
     prompt see what the prompt's last token saw, as they did when generate produced them."""
     return {k: torch.cat([v, v[:, -1:].expand(-1, n, *v.shape[2:])], 1) if k in vlm.per_token_inputs else v
-            for k, v in extras.items()}
+            for k, v in images.items()}
 
 
 def encode_images(vlm, images, input_ids):

@@ -149,11 +149,11 @@ def target_index(labels, multiple):
     return F.pad(at, (0, pad)), F.pad(following, (0, pad), value=IGNORE_INDEX)
 
 
-def bucketed_sft_loss(net, input_ids, pixel_values, layers, mask, labels, n_target, bucket=LENGTH_BUCKET):
+def bucketed_sft_loss(net, input_ids, images, layers, mask, labels, n_target, bucket=LENGTH_BUCKET):
     """sft_loss of net(...) with `compile`: the logits at a bucketed number of flat positions, not at a bool mask,
     whose data-dependent row count would break the graph. labels (on the CPU: no device sync) pick the positions."""
     at, targets = target_index(labels, bucket)
-    logits = net(input_ids, pixel_values, layers, mask, logits_at=at.to(input_ids.device))
+    logits = net(input_ids, image_layer=layers, attention_mask=mask, logits_at=at.to(input_ids.device), **images)
     return F.cross_entropy(logits.float(), targets.to(input_ids.device), reduction="sum") / n_target
 
 
@@ -315,17 +315,16 @@ def main():
         seen = [i for i, e in enumerate(examples) if e["image"]]
         layers = [layers[i] for i in seen]
         images = encode_images(vlm, [load_image(examples[i]["image"]) for i in seen], input_ids[seen]) if seen else {}
-        pixels, extras = images.pop("pixel_values", None), {k: v.to(dev) for k, v in images.items()}
-        pixels = None if pixels is None else pixels.to(dev)
+        images = {k: v.to(dev) for k, v in images.items()}  # pixel_values and the family's own inputs
         with ctx:
             if compile:
-                loss = bucketed_sft_loss(net, input_ids.to(dev), pixels, layers, mask.to(dev), labels, n_target)
+                loss = bucketed_sft_loss(net, input_ids.to(dev), images, layers, mask.to(dev), labels, n_target)
                 return loss, int(mask.sum())
             labels = labels.to(dev)
-            logits = net(input_ids.to(dev), pixels, layers, mask.to(dev), logits_at=target_positions(labels), **extras,
-                         **skip_padding)
+            logits = net(input_ids.to(dev), image_layer=layers, attention_mask=mask.to(dev),
+                         logits_at=target_positions(labels), **images, **skip_padding)
             loss = sft_loss(logits, labels, n_target)
-            if projector_rms_ratio and pixels is not None:  # each micro-batch's share of the step's mean penalty
+            if projector_rms_ratio and images:  # each micro-batch's share of the step's mean penalty
                 loss = loss + scale_penalty() * len(seen) / (batch_size * gradient_accumulation_steps)
             return loss, int(mask.sum())
 

@@ -164,7 +164,7 @@ def test_sft_compiled_forward_has_no_graph_break_gives_the_eager_loss_and_never_
         ids, labels, mask = sft.collate(examples, tiny.PAD_TOKEN)
         want = sft.sft_loss(eager(ids, pv, layers, mask, logits_at=sft.target_positions(labels)), labels, n_target)
         ids, labels, mask = sft.collate(examples, tiny.PAD_TOKEN, multiple=32)
-        got = sft.bucketed_sft_loss(net, ids, pv, layers, mask, labels, n_target, bucket=32)
+        got = sft.bucketed_sft_loss(net, ids, {"pixel_values": pv}, layers, mask, labels, n_target, bucket=32)
         want.backward()
         got.backward()
         assert abs(got.item() - want.item()) <= 1e-5

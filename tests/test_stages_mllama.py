@@ -19,7 +19,7 @@ import sft
 from common import InputError
 from lppo import ppo_update, response_forward, score_rollout
 from model import (VLM, MllamaVLM, add_lora, encode_batch, extend_per_token, first_eos_mask, generate_responses,
-                   image_extras, load_image, load_tokenizer)
+                   batch_images, load_image, load_tokenizer)
 from test_evaluate import make_tiny_reward_model
 from test_lppo import run_lppo
 from test_model_mllama import make_tiny_mllama, make_tokenizer
@@ -202,9 +202,9 @@ def rollout(vlm, tok, world, layers, temperature=0.7):
     rows = rows_of(world)
     ro = encode_batch(tok, vlm.config, [r["prompt"] for r in rows], [load_image(r["image"]) for r in rows])
     ro["layers"] = torch.tensor(layers)
-    tokens, logprobs = vlm.generate(ro["input_ids"], ro["attention_mask"], ro["pixel_values"], ro["layers"], 6,
-                                    temperature, eos_token_id=tok.eos_token_id, return_logprobs=True,
-                                    generator=torch.Generator().manual_seed(0), **image_extras(vlm, ro))
+    tokens, logprobs = vlm.generate(ro["input_ids"], ro["attention_mask"], image_layer=ro["layers"], max_new_tokens=6,
+                                    temperature=temperature, eos_token_id=tok.eos_token_id, return_logprobs=True,
+                                    generator=torch.Generator().manual_seed(0), **batch_images(vlm, ro))
     ro["mask"], _ = first_eos_mask(tokens, tok.eos_token_id)
     ro["tokens"] = tokens.masked_fill(ro["mask"] == 0, vlm.config.pad_token_id)
     return ro, logprobs

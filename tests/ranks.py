@@ -3,6 +3,7 @@
 The ranks meet through a file (no port to race for), every collective has a timeout, and a rank that dies or hangs
 fails the test with a message that says which rank and how, instead of a hang or a bare SIGABRT."""
 
+import faulthandler
 import os
 import signal
 import tempfile
@@ -17,6 +18,7 @@ from common import compute_cleanup
 
 
 def _rank_main(fn, rank, world_size, init_file, args):
+    faulthandler.enable()  # a rank that dies on a signal prints its Python stack to the captured stderr
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     fn(rank, world_size, *args)

@@ -2393,7 +2393,7 @@ def prefill_static(vlm, input_ids, attention_mask, pixel_values, image_layer, ma
 
 
 def compile_scoring(vlm, backend="inductor", bucket=LENGTH_BUCKET):
-    """Make vlm.hidden_states run its decoder compiled, on lengths padded to multiples of LENGTH_BUCKET (FastVLM.
+    """Make vlm.hidden_states run its decoder compiled, on lengths padded to multiples of `bucket` (FastVLM.
     decoder_states): lppo.response_forward then scores and trains on rollouts of any length with a few graphs. The
     image side stays eager, with its checks and each row's own layer."""
     if not isinstance(vlm, FastVLM):

@@ -57,7 +57,6 @@ def main(root):
     if base is None:
         raise SystemExit(f"{root}/test-base: the shipped model is not scored yet; expected bash data/smol/seeds.sh base")
     arms = {arm: {s: m for s in SEEDS if (m := scores(os.path.join(root, f"test-{arm}-s{s}")))} for arm in ARMS}
-    f1 = lambda x: f"{x:.1f}"
     ci = lambda m, k: f"{f1(m[k])} [{f1(m[k + '_ci'][0])}, {f1(m[k + '_ci'][1])}]"
     print("| model | seed | C-ASR layer 1 | layer 4 | default (11) | Early (1, 4) | XSTest safe ORR | smol-VQA |")
     print("|---|---|---|---|---|---|---|---|")
@@ -98,9 +97,14 @@ def main(root):
         paired[arm] = p
         print(f"| {ARMS[arm]} | {len(p['diffs'])} | {f1(p['mean'])} ({f1(p['sd'])}) | [{f1(p['ci'][0])}, "
               f"{f1(p['ci'][1])}] | {p['lppo_lower']} of {len(p['diffs'])} |")
-    advbench = advbench_table(base, arms, f1)
+    advbench = advbench_table(base, arms)
     atomic_write_json({"base": base, "arms": arms, "summary": summary, "paired": paired, "advbench": advbench},
                       os.path.join(root, "seeds.json"))
+
+
+def f1(x):
+    """A percentage as the tables print it, to one decimal."""
+    return f"{x:.1f}"
 
 
 def paired_by_seed(runs, lppo, key):
@@ -116,7 +120,7 @@ def paired_by_seed(runs, lppo, key):
             "lppo_lower": sum(x > 0 for x in d)}
 
 
-def advbench_table(base, arms, f1):
+def advbench_table(base, arms):
     """Each arm's C-ASR on AdvBench x images (n = 520) at layer 1 and the default, over the seeds scored there, and the
     layer-1 difference from L-PPO at layer 1, paired by seed."""
     print()
